@@ -1,0 +1,1 @@
+"""Optimized implementations: ``numba`` (CPU) and ``triton`` (GPU; optional extra, torch imported lazily)."""
