@@ -62,6 +62,8 @@ def cmd_demo(args) -> int:
     from .oracle import core, run_decode
     from .property_tests import tolerances
 
+    if args.n < 16:
+        raise ValueError(f"--n must be at least 16 (the demo plants 16 heavy hitters), got {args.n}")
     q, k, v = demo_inputs(args.seed, n=args.n)
     t0 = time.perf_counter()
     exact = core.attend_dense(q, k, v)

@@ -49,7 +49,7 @@ def as_float64(x, name: str, *, ndim: int | None = None, allow_nonfinite: bool =
             raise TypeError(f"{name} must be a floating-point tensor ({', '.join(FLOAT_DTYPE_NAMES)}), got {x.dtype}")
         x = x.detach().cpu().double().numpy()
     elif not isinstance(x, np.ndarray):
-        if isinstance(x, (list, tuple)) or np.isscalar(x):
+        if isinstance(x, (list, tuple)) or (np.isscalar(x) and not isinstance(x, (str, bytes))):
             x = np.asarray(x)
             if x.dtype.kind in "iu":
                 x = x.astype(np.float64)

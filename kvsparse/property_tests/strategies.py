@@ -10,7 +10,8 @@ exactly by its shapes, family and seed); hypothesis shrinks shapes and families.
                         a kernel without max subtraction overflows).
 * ``outlier_channels``  a few channels 30-100x larger in q and k (as in real LLM keys).
 * ``heavy_tails``       Student-t (3 dof) values.
-* ``sink_and_local``    token 0 and the last tokens aligned with q (attention sink and locality).
+* ``sink_and_local``    queries share a direction; token 0 (strongly) and the last 8 tokens align with
+                        it (attention sink and locality).
 """
 from __future__ import annotations
 
@@ -72,10 +73,12 @@ def make_decode_input(h_q: int, h_kv: int, n: int, d: int, family: str = "gaussi
     elif family == "heavy_tails":
         q, k, v = (rng.standard_t(3, size=x.shape) for x in (q, k, v))
     elif family == "sink_and_local" and n:
-        mean_q = q.reshape(h_kv, -1, d).mean(axis=1)
-        k[:, 0] += 4.0 * mean_q
-        local = min(n, 8)
-        k[:, n - local:] += 2.0 * mean_q[:, None, :]
+        # a direction every query shares (as real queries do); token 0 and the last tokens align with it
+        u = rng.standard_normal(d)
+        u /= np.linalg.norm(u)
+        q += 2.0 * u
+        k[:, 0] += 3.0 * np.sqrt(d) * u
+        k[:, n - min(n, 8):] += 1.5 * np.sqrt(d) * u
     return DecodeInput(q, k, v, family, seed)
 
 
