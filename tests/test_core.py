@@ -129,6 +129,14 @@ def test_huge_logits_do_not_overflow():
     assert np.allclose(out, core.expand_kv(x.v, 4)[np.arange(4), np.argmax(s, axis=1)], atol=1e-6)
 
 
+def test_weights_follow_their_indices_in_any_order():
+    """Found by the Triton kernel test: weights of unsorted index lists were once misaligned."""
+    x = make_decode_input(1, 1, 9, 8, seed=0)
+    a = core.attend_indices(x.q, x.k, x.v, [np.array([3, 1, 5, 7])], [np.array([1.0, 2.0, 3.0, 0.5])])
+    b = core.attend_indices(x.q, x.k, x.v, [np.array([1, 3, 5, 7])], [np.array([2.0, 1.0, 3.0, 0.5])])
+    assert np.allclose(a, b, rtol=1e-14)
+
+
 def test_weighted_attention_is_the_weighted_softmax():
     x = make_decode_input(2, 1, 7, 3, seed=2)
     idx = [np.array([0, 3, 6])] * 2

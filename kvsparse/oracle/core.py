@@ -262,6 +262,13 @@ def attend_indices_partial(q, k, v, indices: Sequence, weights: Sequence | None 
     how estimators (vAttention's Horvitz-Thompson factors) are expressed.
     """
     q, k, v, sh = check_decode_inputs(q, k, v, scale=scale)
+    if weights is not None:
+        # indices may come in any order: carry each weight with its index before they are sorted
+        if len(weights) != len(indices):
+            raise ValueError(f"weights must have one array per head ({len(indices)}), got {len(weights)}")
+        orders = [np.argsort(np.asarray(ix), kind="stable") for ix in indices]
+        indices = [np.asarray(ix)[o] for ix, o in zip(indices, orders)]
+        weights = [np.asarray(w)[o] if np.asarray(w).shape == o.shape else w for w, o in zip(weights, orders)]
     idx = check_index_sets(indices, sh.h_q, sh.n, "indices")
     w = None if weights is None else check_weights(weights, idx, "weights")
     s_scale = default_scale(sh.d) if scale is None else scale

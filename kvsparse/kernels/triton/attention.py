@@ -1,0 +1,242 @@
+"""Sparse decode attention in Triton: over per-head index lists, or over page lists of a paged cache.
+
+Flash-Decoding style: the selected tokens of each row are cut into ``num_splits`` contiguous
+chunks; one program per (row, split) runs an online softmax over its chunk and writes a partial
+output and its log-sum-exp; a second kernel merges the splits by log-sum-exp (an empty split has
+lse = -inf and weight 0). Inputs fp16 / bf16 / fp32; all accumulation in fp32.
+
+Memory layout (contiguous in the last dim):
+  q        [H_q, D]
+  k, v     [H_kv, N, D]                      (index-list form)
+  k, v     [num_pages, P, H_kv, D]           (paged form: vLLM-style pool of physical pages)
+  indices  [R, B] int32, row r valid up to lengths[r]; R = H_kv (one list per KV head, shared by the
+           G query heads of its group: each KV row is loaded ONCE per group) or R = H_q (per head).
+  weights  [R, B] fp32, optional: multiplies exp(logit) (Horvitz-Thompson factors of estimators).
+  pages    [R, B] int32 logical page numbers; block_table [num_logical_pages] -> physical page.
+Outputs: out [H_q, D] (dtype of q), lse [H_q] fp32 (natural log; -inf for an empty selection).
+
+torch and triton are imported lazily so the registry loads without the optional extra. Set
+TRITON_INTERPRET=1 to run on a CPU (correct but slow).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from ...registry import register_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, len_ptr, w_ptr, part_out_ptr, part_lse_ptr,
+                     scale, B, chunk,
+                     stride_kh, stride_kn, stride_vh, stride_vn, stride_ir,
+                     page_ptr, stride_kp, stride_vp,
+                     G: tl.constexpr, ROW_IS_KV: tl.constexpr, GP: tl.constexpr,
+                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+                     HAS_W: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        kvh = row if ROW_IS_KV else row // G
+        # query heads served by this row: the whole group (ROW_IS_KV) or just one head
+        g_offs = tl.arange(0, GP)
+        n_q = G if ROW_IS_KV else 1
+        q_heads = (row * G + g_offs) if ROW_IS_KV else (row + g_offs * 0)
+        g_mask = g_offs < n_q
+        d_offs = tl.arange(0, DP)
+        d_mask = d_offs < D
+        q = tl.load(q_ptr + q_heads[:, None] * D + d_offs[None, :], mask=g_mask[:, None] & d_mask[None, :],
+                    other=0.0).to(tl.float32)
+        length = tl.load(len_ptr + row)
+        start = split * chunk
+        stop = tl.minimum(start + chunk, length)
+        m = tl.full([GP], -1.0e30, tl.float32)
+        l = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for base in range(start, stop, BLOCK):
+            b_offs = base + tl.arange(0, BLOCK)
+            b_mask = b_offs < stop
+            entry = tl.load(idx_ptr + row * stride_ir + b_offs, mask=b_mask, other=0)
+            if PAGED:
+                # entry is a token position (logical); map its page through the block table
+                phys = tl.load(page_ptr + entry // PAGE, mask=b_mask, other=0)
+                k_off = phys * stride_kp + (entry % PAGE) * stride_kn + kvh * stride_kh
+                v_off = phys * stride_vp + (entry % PAGE) * stride_vn + kvh * stride_vh
+            else:
+                k_off = kvh * stride_kh + entry * stride_kn
+                v_off = kvh * stride_vh + entry * stride_vn
+            kv_mask = b_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + k_off[:, None] + d_offs[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + v_off[:, None] + d_offs[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale          # [GP, BLOCK]
+            if HAS_W:
+                w = tl.load(w_ptr + row * stride_ir + b_offs, mask=b_mask, other=0.0)
+                s = s + tl.log(w)[None, :]
+            s = tl.where(b_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+        has = l > 0
+        out = acc / tl.where(has, l, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+        o_ptrs = part_out_ptr + (q_heads[:, None] * NUM_SPLITS + split) * D + d_offs[None, :]
+        tl.store(o_ptrs, out, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(part_lse_ptr + q_heads * NUM_SPLITS + split, lse, mask=g_mask)
+
+    @triton.jit
+    def merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+                     D: tl.constexpr, DP: tl.constexpr, NUM_SPLITS: tl.constexpr, SP: tl.constexpr):
+        h = tl.program_id(0)
+        s_offs = tl.arange(0, SP)
+        s_mask = s_offs < NUM_SPLITS
+        lses = tl.load(part_lse_ptr + h * NUM_SPLITS + s_offs, mask=s_mask, other=float("-inf"))
+        m = tl.max(lses, axis=0)
+        finite = m > float("-inf")
+        m_safe = tl.where(finite, m, 0.0)
+        w = tl.where(lses > float("-inf"), tl.exp(lses - m_safe), 0.0)
+        total = tl.sum(w, axis=0)
+        d_offs = tl.arange(0, DP)
+        d_mask = d_offs < D
+        parts = tl.load(part_out_ptr + (h * NUM_SPLITS + s_offs[:, None]) * D + d_offs[None, :],
+                        mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        out = tl.sum(w[:, None] * parts, axis=0) / tl.where(finite, total, 1.0)
+        tl.store(out_ptr + h * D + d_offs, out, mask=d_mask)
+        tl.store(lse_ptr + h, tl.where(finite, m_safe + tl.log(tl.where(finite, total, 1.0)), float("-inf")))
+
+    return split_kernel, merge_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _check(q, k, v, indices, lengths, weights, paged: bool):
+    import torch
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if q.dim() != 2:
+        raise ValueError(f"q must be [H_q, D], got shape {tuple(q.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    h_q, d = q.shape
+    if paged:
+        if k.dim() != 4:
+            raise ValueError(f"paged k must be [num_pages, P, H_kv, D], got shape {tuple(k.shape)}")
+        h_kv = k.shape[2]
+    else:
+        if k.dim() != 3:
+            raise ValueError(f"k must be [H_kv, N, D], got shape {tuple(k.shape)}")
+        h_kv = k.shape[0]
+    if k.shape[-1] != d:
+        raise ValueError(f"k's head dim {k.shape[-1]} must equal q's {d}")
+    if h_q % h_kv:
+        raise ValueError(f"H_q={h_q} must be divisible by H_kv={h_kv}")
+    if indices.dim() != 2 or indices.shape[0] not in (h_q, h_kv):
+        raise ValueError(f"indices must be [H_q or H_kv, B], got shape {tuple(indices.shape)} (H_q={h_q}, H_kv={h_kv})")
+    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != indices.shape[0]):
+        raise ValueError(f"lengths must be [{indices.shape[0]}], got shape {tuple(lengths.shape)}")
+    if weights is not None and weights.shape != indices.shape:
+        raise ValueError(f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}")
+    return h_q, h_kv, d
+
+
+def _launch(q, k, v, idx, lengths, weights, scale, num_splits, block, paged, block_table, page):
+    import torch
+    split_kernel, merge_kernel = _kernels()
+    h_q, h_kv, d = _check(q, k, v, idx, lengths, weights, paged)
+    rows, width = idx.shape
+    row_is_kv = rows == h_kv   # when H_q == H_kv the two readings coincide (G = 1)
+    g = h_q // h_kv
+    dev = q.device
+    idx = idx.to(device=dev, dtype=torch.int32).contiguous()
+    lengths = (torch.full((rows,), width, dtype=torch.int32, device=dev) if lengths is None
+               else lengths.to(device=dev, dtype=torch.int32).contiguous())
+    if int(lengths.min()) < 0 or int(lengths.max()) > width:
+        raise ValueError(f"lengths must lie in [0, {width}]")
+    w = None if weights is None else weights.to(device=dev, dtype=torch.float32).contiguous()
+    if w is not None and bool((w < 0).any()):
+        raise ValueError("weights must be non-negative")
+    num_splits = max(1, int(num_splits if num_splits is not None else min(16, max(1, math.ceil(width / 256)))))
+    chunk = max(1, math.ceil(width / num_splits))
+    part_out = torch.empty((h_q, num_splits, d), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((h_q, num_splits), dtype=torch.float32, device=dev)
+    k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
+    if paged:
+        stride_kp, stride_kn, stride_kh = k.stride(0), k.stride(1), k.stride(2)
+        stride_vp, stride_vn, stride_vh = v.stride(0), v.stride(1), v.stride(2)
+        table = block_table.to(device=dev, dtype=torch.int32).contiguous()
+    else:
+        stride_kh, stride_kn, stride_vh, stride_vn = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+        stride_kp = stride_vp = 0
+        table = idx  # unused
+    split_kernel[(rows, num_splits)](
+        q, k, v, idx, lengths, w if w is not None else part_lse, part_out, part_lse,
+        float(scale if scale is not None else 1.0 / math.sqrt(d)), width, chunk,
+        stride_kh, stride_kn, stride_vh, stride_vn, idx.stride(0),
+        table, stride_kp, stride_vp,
+        G=g, ROW_IS_KV=row_is_kv, GP=_next_pow2(g if row_is_kv else 1), D=d, DP=_next_pow2(d),
+        BLOCK=block, HAS_W=w is not None, PAGED=paged, PAGE=page, NUM_SPLITS=num_splits)
+    out = torch.empty((h_q, d), dtype=torch.float32, device=dev)
+    lse = torch.empty((h_q,), dtype=torch.float32, device=dev)
+    merge_kernel[(h_q,)](part_out, part_lse, out, lse, D=d, DP=_next_pow2(d), NUM_SPLITS=num_splits,
+                         SP=_next_pow2(num_splits))
+    return out.to(q.dtype), lse
+
+
+def decode_attention_indices(q, k, v, indices, lengths=None, weights=None, *, scale=None,
+                             num_splits=None, block: int = 32):
+    """Attention of each query head over its index list; returns ``(out [H_q, D], lse [H_q])``.
+
+    ``indices`` is ``[H_kv, B]`` (shared by each group: every selected KV row loaded once per group)
+    or ``[H_q, B]`` (per query head); entries past ``lengths[r]`` are ignored; entries must be unique.
+    """
+    return _launch(q, k, v, indices, lengths, weights, scale, num_splits, block, False, None, 1)
+
+
+def decode_attention_pages(q, k_pages, v_pages, block_table, pages, page_counts, seq_len, *, scale=None,
+                           num_splits=None):
+    """Attention over whole pages of a paged cache.
+
+    ``k_pages``/``v_pages`` ``[num_physical, P, H_kv, D]``; ``block_table [num_logical]`` maps the
+    sequence's logical page to its physical page; ``pages [R, B]`` lists selected logical pages per
+    row (R = H_kv or H_q), valid up to ``page_counts[r]``; ``seq_len`` tokens exist (the last page may
+    be partial: its unfilled slots are never read).
+    """
+    import torch
+    if pages.dim() != 2:
+        raise ValueError(f"pages must be [R, B], got shape {tuple(pages.shape)}")
+    page = int(k_pages.shape[1])
+    seq_len = int(seq_len)
+    if seq_len < 0 or seq_len > block_table.shape[0] * page:
+        raise ValueError(f"seq_len must lie in [0, {block_table.shape[0] * page}], got {seq_len}")
+    rows, width = pages.shape
+    counts = (torch.full((rows,), width, dtype=torch.int64) if page_counts is None
+              else page_counts.to(torch.int64).cpu())
+    # expand pages to token positions, dropping the unfilled tail of the last page
+    tok = (pages.to(torch.int64).cpu()[:, :, None] * page + torch.arange(page)[None, None, :]).reshape(rows, -1)
+    valid = (torch.arange(width)[None, :, None] < counts[:, None, None]).expand(rows, width, page).reshape(rows, -1)
+    valid = valid & (tok < seq_len)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    tok = torch.gather(tok, 1, order)
+    lengths = valid.sum(dim=1)
+    return _launch(q, k_pages, v_pages, tok.to(torch.int32).to(q.device), lengths.to(q.device), None, scale,
+                   num_splits, page if page >= 16 else 16, True, block_table, page)
+
+
+@register_kernel("dense", "triton")
+def dense_decode(q, k, v, *, scale=None, num_splits=None):
+    """Dense decode attention (all N tokens of each KV head) through the split-K kernel."""
+    import torch
+    n = k.shape[1]
+    idx = torch.arange(n, dtype=torch.int32, device=q.device)[None, :].expand(k.shape[0], n)
+    return decode_attention_indices(q, k, v, idx, scale=scale, num_splits=num_splits)
