@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
+
 from ...registry import register_kernel
 
 
@@ -233,10 +235,45 @@ def decode_attention_pages(q, k_pages, v_pages, block_table, pages, page_counts,
                    num_splits, page if page >= 16 else 16, True, block_table, page)
 
 
-@register_kernel("dense", "triton")
 def dense_decode(q, k, v, *, scale=None, num_splits=None):
-    """Dense decode attention (all N tokens of each KV head) through the split-K kernel."""
+    """Dense decode attention (all N tokens of each KV head) through the split-K kernel (torch API)."""
     import torch
     n = k.shape[1]
     idx = torch.arange(n, dtype=torch.int32, device=q.device)[None, :].expand(k.shape[0], n)
     return decode_attention_indices(q, k, v, idx, scale=scale, num_splits=num_splits)
+
+
+def device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_torch(x, name: str = "x"):
+    """A NumPy array (float16 / bfloat16 / float32) or tensor as a torch tensor on the kernel's device."""
+    import torch
+    if isinstance(x, torch.Tensor):
+        return x.to(device())
+    import numpy as np
+    x = np.ascontiguousarray(x)
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.uint16).astype(np.int16)).view(torch.bfloat16).to(device())
+    if x.dtype.name not in ("float16", "float32"):
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    return torch.from_numpy(x).to(device())
+
+
+def to_numpy(t):
+    """A kernel output back to NumPy on the host (bfloat16 comes back as float32, exactly)."""
+    import torch
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+@register_kernel("dense", "triton")
+def dense(method, q, k, v, *, positions=None, scale=None):
+    """Kernel-step contract (property_tests/suites.py): ``(out [H_q, d], indices)`` as NumPy."""
+    qt, kt, vt = to_torch(q, "q"), to_torch(k, "k"), to_torch(v, "v")
+    out, _ = dense_decode(qt, kt, vt, scale=scale)
+    n = kt.shape[1]
+    return to_numpy(out), [np.arange(n) for _ in range(qt.shape[0])]

@@ -13,7 +13,10 @@ from __future__ import annotations
 import functools
 import math
 
-from .attention import _next_pow2, decode_attention_indices
+import numpy as np
+
+from ...registry import register_kernel
+from .attention import _next_pow2, decode_attention_indices, to_numpy, to_torch
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,10 +117,42 @@ def quest_step(q, k, v, *, page_size: int, token_budget: int, kmin=None, kmax=No
     if kmin is None or kmax is None:
         kmin, kmax = page_metadata(k, page_size)
     pages = select_pages(page_scores(q, kmin, kmax), max(1, token_budget // page_size))
-    tok = (pages[:, :, None] * page_size + torch.arange(page_size, device=q.device)[None, None, :]).reshape(pages.shape[0], -1)
-    valid = tok < n
-    lengths = valid.sum(dim=1)
-    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-    tok = torch.gather(tok, 1, order).to(torch.int32)
+    tok, lengths = _tokens_of_pages(pages, page_size, n)
     out, lse = decode_attention_indices(q, k, v, tok, lengths, scale=scale, num_splits=num_splits)
     return out, lse, pages
+
+
+def _tokens_of_pages(pages, page_size: int, n: int):
+    """``[R, B*P]`` token ids of the pages (valid first) and their counts (the last page cut at n)."""
+    import torch
+    tok = (pages[:, :, None] * page_size + torch.arange(page_size, device=pages.device)[None, None, :]).reshape(pages.shape[0], -1)
+    valid = tok < n
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    return torch.gather(tok, 1, order).to(torch.int32), valid.sum(dim=1)
+
+
+@register_kernel("quest", "triton")
+def quest(method, q, k, v, *, positions=None, scale=None):
+    """Kernel-step contract for the Quest oracle (``kvsparse.oracle.quest.Quest``): the page count,
+    dense fallbacks and last-page rule come from ``method``; scores, top-k and attention run on the GPU.
+    Returns ``(out [H_q, d], indices per query head)`` as NumPy."""
+    import torch
+    qt, kt, vt = to_torch(q, "q"), to_torch(k, "k"), to_torch(v, "v")
+    h_q, n = qt.shape[0], kt.shape[1]
+    p = method.page_size
+    n_pages = -(-n // p)
+    if method.is_dense(n):
+        pages = torch.arange(n_pages, device=qt.device)[None, :].expand(h_q, n_pages)
+    else:
+        kmin, kmax = page_metadata(kt, p)
+        scores = page_scores(qt, kmin, kmax)
+        if method.last_page == "always":
+            top = select_pages(scores[:, : n_pages - 1], method.page_budget(n) - 1)
+            last = torch.full((h_q, 1), n_pages - 1, device=qt.device, dtype=top.dtype)
+            pages = torch.cat([top, last], dim=1)
+        else:
+            pages = select_pages(scores, min(method.page_budget(n), n_pages))
+    tok, lengths = _tokens_of_pages(pages.to(torch.int64), p, n)
+    out, _ = decode_attention_indices(qt, kt, vt, tok, lengths, scale=scale)
+    tok, lengths = tok.cpu().numpy(), lengths.cpu().numpy()
+    return to_numpy(out), [np.sort(tok[h, : lengths[h]]) for h in range(h_q)]
