@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-EXTENSIONS = ("kvsparse.sim.cli", "kvsparse.sim.evaluate", "kvsparse.traces.cli", "kvsparse.property_tests.cli")
+EXTENSIONS = ("kvsparse.sim.cli", "kvsparse.sim.evaluate", "kvsparse.traces.cli", "kvsparse.property_tests.cli",
+              "kvsparse.property_tests.validate")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:

@@ -49,8 +49,10 @@ def test_tolerance_is_a_multiple_of_the_naive_error_and_not_looser():
     err = np.abs(naive - ref).max()
     assert err > 0
     tol = tolerances.attention_tolerance(x.q, x.k, x.v, "float16")
-    assert tol == pytest.approx(2 * err + 2.0 ** -11 * np.abs(tolerances.round_to(x.v, "float16")).max())
-    assert tol < 10 * err + 1e-3      # sanity: the rule is tight, not a blanket tolerance
+    first = tolerances.first_order_error(x.q, x.k, x.v, "float16", ref)
+    assert tol == pytest.approx(2 * max(err, first) + 2.0 ** -11 * np.abs(ref).max())
+    assert first < err                # float16: the accumulation scale is far below the realized error...
+    assert tol < 4 * err              # ...so the rule is FlashAttention's 2x, not a blanket tolerance
     with pytest.raises(ValueError, match="multiple must be >= 1"):
         tolerances.attention_tolerance(x.q, x.k, x.v, "float16", multiple=0.5)
 

@@ -1,0 +1,208 @@
+"""``kvsparse validate``: run a method's property suite on anyone's kernel and give a verdict.
+
+The contract a third-party kernel must meet is the kernel-step contract of ``suites.py``:
+
+    kernel(method, q, k, v, *, positions=None, scale=None) -> output | (output, indices) | (output, indices, weights)
+
+with NumPy arrays in the kernel's dtype (torch tensors returned are converted at the boundary);
+stateful methods add ``kernel.prefill(method, q_prompt, k_prompt, v_prompt) -> state`` and
+``kernel.decode(method, state, q, k_new, v_new, *, scale=None) -> (state, step)``.
+
+On a failure, the smallest failing input hypothesis found is saved (``.npz``: the exact arrays the
+kernel was called with, the method's hyper-parameters and the dtype) and can be re-run with
+``--replay FILE``. Exit status: 0 pass, 1 a bug was found, 2 usage error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from hypothesis import HealthCheck, settings as hyp_settings, strategies as st
+
+from .. import registry
+from ..oracle import core
+from . import suites
+from .strategies import DecodeInput
+
+DEFAULT_EXAMPLES = 50
+
+
+def load_callable(spec: str) -> Callable:
+    """``package.module:attr`` or ``path/to/file.py:attr`` -> the object (``attr`` may be dotted)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"kernel must be given as module:callable or file.py:callable, got {spec!r}")
+    mod_name, _, attr = spec.rpartition(":")
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.is_file():
+            raise ValueError(f"kernel file {mod_name!r} does not exist")
+        spec_ = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules[path.stem] = module
+        spec_.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import kernel module {mod_name!r}: {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is not callable")
+    return obj
+
+
+def fixed_method(name: str, preset: str = "canonical", params: dict | None = None):
+    """The method's oracle in a preset with some hyper-parameters overridden (``params``)."""
+    method = registry.oracle(name, preset)
+    if params:
+        fields = {f.name for f in dataclasses.fields(method)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise ValueError(f"params {unknown} are not hyper-parameters of {name!r}; it has {sorted(fields)}")
+        method = dataclasses.replace(method, **params)
+    return method
+
+
+class Recorder:
+    """Wraps a kernel and remembers the arguments of its most recent input (hypothesis re-runs the
+    minimal failing example last, so after a failure this holds exactly that input)."""
+
+    def __init__(self, kernel: Callable):
+        self.kernel = kernel
+        self.last: dict[str, Any] = {}
+        self.__qualname__ = getattr(kernel, "__qualname__", type(kernel).__name__)
+        self.__module__ = getattr(kernel, "__module__", "")
+        if hasattr(kernel, "prefill"):
+            self.prefill = self._prefill
+            self.decode = self._decode
+
+    def __call__(self, method, q, k, v, **kw):
+        self.last = {"kind": "step", "method": method, "q": q, "k": k, "v": v}
+        return self.kernel(method, q, k, v, **kw)
+
+    def _prefill(self, method, q, k, v):
+        self.last = {"kind": "decode", "method": method, "q": [q], "k": [k], "v": [v], "prefill_len": q.shape[0]}
+        return self.kernel.prefill(method, q, k, v)
+
+    def _decode(self, method, state, q, k_new, v_new, **kw):
+        for key, x in (("q", q), ("k", k_new), ("v", v_new)):
+            self.last[key].append(x[None])
+        return self.kernel.decode(method, state, q, k_new, v_new, **kw)
+
+
+def method_params(method) -> dict:
+    out = {}
+    for f in dataclasses.fields(method):
+        val = getattr(method, f.name)
+        if isinstance(val, np.ndarray):
+            val = val.tolist()
+        out[f.name] = val
+    return out
+
+
+def save_failure(path, name: str, dtype: str, recorder: Recorder, verdict) -> Path:
+    """Write the failing input (exact kernel arguments) and everything needed to re-run it."""
+    last = recorder.last
+    arrays = {key: (np.concatenate(last[key]) if last["kind"] == "decode" else last[key]) for key in ("q", "k", "v")}
+    meta = {"method": name, "class": type(last["method"]).__name__, "params": method_params(last["method"]),
+            "dtype": dtype, "kind": last["kind"], "prefill_len": last.get("prefill_len"),
+            "verdict": str(verdict)}
+    path = Path(path)
+    with open(path, "wb") as fh:
+        np.savez(fh, meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8),
+                 **{key: np.asarray(a, dtype=np.float64) for key, a in arrays.items()})
+    return path
+
+
+def replay(path, kernel: Callable):
+    """Re-run a saved failing input on ``kernel``; returns the Verdict (or the list for a decode)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            q, k, v = z["q"], z["k"], z["v"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not a kvsparse failure file ({exc})") from exc
+    base = registry.oracle(meta["method"])
+    params = {key: (np.asarray(val) if isinstance(getattr(base, key, None), (np.ndarray, type(None))) else tuple(val))
+              if isinstance(val, list) else val for key, val in meta["params"].items()}
+    method = fixed_method(meta["method"], params=params)
+    suite = suites.suite_for(meta["method"])
+    if meta["kind"] == "decode":
+        return suites.check_decode(method, kernel, q, k, v, prefill_len=meta["prefill_len"], dtype=meta["dtype"],
+                                   scores=suite.scores)
+    return suites.check_step(method, kernel, DecodeInput(q, k, v, "replay", 0), dtype=meta["dtype"],
+                             scores=suite.scores)
+
+
+def validate(name: str, kernel: Callable, *, params: dict | None = None, preset: str | None = None,
+             examples: int = DEFAULT_EXAMPLES, seed: int | None = None, dtype: str = "float32",
+             save: str | Path | None = None):
+    """Run ``name``'s suite on ``kernel``. Returns ``(report, saved_path_or_None)``."""
+    suite = suites.suite_for(name)
+    if params or preset:
+        method = fixed_method(name, preset or "canonical", params)
+        suite = dataclasses.replace(suite, methods=lambda shapes, m=method: st.just(m))
+    examples = core.check_positive_int(examples, "examples")
+    recorder = Recorder(kernel)
+    s = hyp_settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=False)
+    report = suites.run_suite(suite, recorder, dtype=dtype, settings=s, seed=seed)
+    path = None
+    if not report.ok and recorder.last:
+        path = save_failure(save or f"kvsparse-failure-{name}.npz", name, dtype, recorder, report.failure)
+    return report, path
+
+
+def cmd_validate(args) -> int:
+    try:
+        kernel = load_callable(args.kernel)
+        params = json.loads(args.params) if args.params else None
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"--params must be a JSON object, got {args.params!r}")
+        if args.replay:
+            verdict = replay(args.replay, kernel)
+            verdicts = verdict if isinstance(verdict, list) else [verdict]
+            bad = next((v for v in verdicts if not v.ok), None)
+            print(bad if bad else verdicts[-1])
+            return 1 if bad else 0
+        t0 = time.perf_counter()
+        report, path = validate(args.method, kernel, params=params, preset=args.preset, examples=args.examples,
+                                seed=args.seed, dtype=args.dtype, save=args.save)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        print(f"kvsparse validate: error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    if report.ok:
+        print("PASS")
+        return 0
+    broken = ", ".join(sorted({r.name for r in report.failure.failures}))
+    print(f"FAIL: property broken: {broken}")
+    if path:
+        print(f"failing input saved to {path}; re-run it with:\n  kvsparse validate {args.method} {args.kernel} --replay {path}")
+    return 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("validate", help="check a kernel (module:callable) against a method's oracle")
+    p.add_argument("method", help="registered method name (see `kvsparse methods`)")
+    p.add_argument("kernel", help="module:callable or path/to/file.py:callable")
+    p.add_argument("--params", default=None, help='JSON object of fixed hyper-parameters, e.g. \'{"token_budget": 64}\'')
+    p.add_argument("--preset", default=None, help="oracle preset to compare against (default: hyper-parameters drawn)")
+    p.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES)
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: derandomized, reproducible)")
+    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
+    p.add_argument("--save", default=None, help="where to save a failing input (default kvsparse-failure-METHOD.npz)")
+    p.add_argument("--replay", default=None, help="re-run a saved failing input instead of searching")
+    p.set_defaults(func=cmd_validate)
