@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 EXTENSIONS = ("kvsparse.sim.cli", "kvsparse.sim.evaluate", "kvsparse.traces.cli", "kvsparse.property_tests.cli",
-              "kvsparse.property_tests.validate")
+              "kvsparse.property_tests.validate", "kvsparse.sim.replay")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:

@@ -109,3 +109,34 @@ def test_bad_inputs():
         replay(t, -1, link_gbps=1.0)
     with pytest.raises(ValueError, match="ids must lie"):
         trace_of([[[5]]], 2)
+
+
+def test_cluster_access_of_clusterkv_on_the_shipped_trace():
+    from kvsparse.oracle.clusterkv import ClusterKV
+    from kvsparse.traces.access import record_cluster_access
+    from kvsparse.traces.format import load_trace
+    from kvsparse.sim.evaluate import DEFAULT_TRACE
+    trace = load_trace(DEFAULT_TRACE)
+    q, k, v = (np.asarray(a[:300], np.float64) for a in trace.layer(trace.layers[0]).sequences())
+    method = ClusterKV(n_clusters=16, budget=64, sinks=4)
+    acc = record_cluster_access(method, {trace.layers[0]: (q, k, v)}, prefill_len=296)
+    assert acc.unit == "cluster" and acc.steps == 4
+    assert acc.unit_sizes.sum() == trace.h_kv * (296 - 4)          # every clustered prompt token in one cluster
+    # cache holding the whole clustered prompt: after the first touches nothing crosses PCIe again
+    r = replay(acc, int(acc.unit_sizes.sum()) * acc.unit_bytes, link_gbps=10.0)
+    seen = set()
+    for s in range(acc.steps):
+        new = {(h, int(c)) for h in range(acc.h_kv) for c in acc.reads(s, 0, h)} - seen
+        assert r.pcie_bytes[s] == sum(acc.unit_sizes[0, h, c] for h, c in new) * acc.unit_bytes
+        seen |= new
+    with pytest.raises(ValueError, match="ClusterKV"):
+        record_cluster_access(Dense(), {0: (q, k, v)}, prefill_len=296)
+
+
+def test_replay_cli_prints_hit_rates(capsys):
+    from kvsparse import cli
+    assert cli.main(["replay", "--method", "quest", "--budget", "64", "--steps", "3", "--layers", "3",
+                     "--cache-fractions", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "hit rate" in out and "unit: token" in out
+    assert cli.main(["replay", "--cache-fractions", "2"]) == 2

@@ -122,3 +122,58 @@ def replay(trace: AccessTrace, capacity_bytes: int, *, link_gbps: float, link_la
     if prefetch == "perfect":   # step 0 has no previous step to hide behind
         seconds[1:] = np.maximum(seconds[1:] - compute_seconds, 0.0)
     return ReplayResult(hits, misses, miss_bytes, transfers, seconds)
+
+
+def cmd_replay(args) -> int:
+    from ..cli import format_table
+    from ..oracle import Layout
+    from ..traces.access import record_access, record_cluster_access
+    from ..traces.format import load_trace
+    from . import hardware
+    from .evaluate import DEFAULT_TRACE, method_with_budget
+
+    trace = load_trace(args.trace or DEFAULT_TRACE)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else list(trace.layers)
+    steps = core.check_positive_int(args.steps, "--steps")
+    if steps >= trace.n_tokens:
+        raise ValueError(f"--steps must be < the trace's {trace.n_tokens} tokens, got {steps}")
+    method = method_with_budget(args.method, args.budget)
+    seqs = {li: tuple(core.as_float64(a, "trace") for a in trace.layer(li).sequences()) for li in layers}
+    layout = Layout(page_size=args.page_size)
+    if args.method == "clusterkv":
+        access = record_cluster_access(method, seqs, prefill_len=trace.n_tokens - steps, layout=layout)
+    else:
+        access = record_access(method, seqs, prefill_len=trace.n_tokens - steps, layout=layout)
+    if args.save:
+        access.save(args.save)
+    gpu = hardware.gpu(args.gpu)
+    total_units = (access.unit_sizes.sum() if access.unit_sizes is not None
+                   else len(layers) * access.h_kv * access.n_units)
+    rows = []
+    for frac in (float(x) for x in args.cache_fractions.split(",")):
+        if not 0 <= frac <= 1:
+            raise ValueError(f"--cache-fractions must lie in [0, 1], got {frac}")
+        cap = int(frac * total_units * access.unit_bytes)
+        res = replay(access, cap, link_gbps=gpu.link_h2d_gbps, link_latency_s=gpu.link_latency_us * 1e-6)
+        after = slice(1, None) if access.steps > 1 else slice(None)
+        rows.append({"cache (fraction of KV)": frac, "cache MB": cap / 1e6, "hit rate": res.hit_rate,
+                     "PCIe MB/step (after step 0)": float(res.pcie_bytes[after].mean()) / 1e6,
+                     "transfer us/step": float(res.seconds[after].mean()) * 1e6})
+    print(f"{args.method} (budget {args.budget}) over {len(layers)} layer(s) x {steps} decode steps of {trace}; "
+          f"unit: {access.unit}; link: {gpu.name} {gpu.link} at {gpu.link_h2d_gbps} GB/s, {gpu.link_latency_us} us\n")
+    print(format_table(rows))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("replay", help="record what a method reads on a trace and replay it against an LRU GPU cache over PCIe")
+    p.add_argument("--trace", default=None, help="attention trace (default: the shipped SmolLM2 trace)")
+    p.add_argument("--method", default="quest")
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--layers", default=None)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--page-size", type=int, default=1, help="record pages of this many tokens (1: tokens)")
+    p.add_argument("--cache-fractions", default="0,0.1,0.25,0.5,1")
+    p.add_argument("--gpu", default="h100-pcie")
+    p.add_argument("--save", default=None, help="write the access trace (.npz)")
+    p.set_defaults(func=cmd_replay)

@@ -148,3 +148,40 @@ def record_access(method, layers: dict[int, tuple], *, prefill_len: int, layout:
     per_step = [[run.steps[s].selection for run in runs] for s in range(len(runs[0].steps))]
     meta = {"method": getattr(method, "name", type(method).__name__), "params": repr(method), "prefill_len": prefill_len}
     return from_selections(per_step, order, h_kv, d, layout, meta)
+
+
+def record_cluster_access(method, layers: dict[int, tuple], *, prefill_len: int, layout: Layout = Layout()) -> AccessTrace:
+    """ClusterKV over an attention trace, recorded at cluster granularity (its offloaded GPU cache).
+
+    Units are the clusters of each (layer, KV head); a step reads every cluster that holds a selected
+    prompt token (the union over the group); ``unit_sizes`` are the clusters' member counts, so a
+    cluster's bytes are its tokens' K and V rows. Sinks and generated tokens stay on the GPU and are
+    not in the trace.
+    """
+    if getattr(method, "name", None) != "clusterkv":
+        raise ValueError(f"method must be a ClusterKV oracle, got {getattr(method, 'name', type(method).__name__)!r}")
+    if not layers:
+        raise ValueError("layers must hold at least one layer")
+    order = sorted(layers)
+    runs = [run_decode(method, *layers[li], prefill_len=prefill_len, layout=layout) for li in order]
+    h_kv, d = np.shape(layers[order[0]][1])[1], np.shape(layers[order[0]][1])[2]
+    states = [run.final_state for run in runs]
+    n_units = max(int(st.centroids.shape[1]) for st in states)
+    sizes = np.zeros((len(order), h_kv, n_units), np.int64)
+    for li, st in enumerate(states):
+        for h in range(h_kv):
+            sizes[li, h] = np.bincount(st.labels[h], minlength=n_units)[:n_units]
+    steps = len(runs[0].steps)
+    chunks, offsets, pos = [], np.zeros((steps, len(order), h_kv + 1), np.int64), 0
+    for s in range(steps):
+        for li, (run, st) in enumerate(zip(runs, states)):
+            offsets[s, li, 0] = pos
+            for h, tok in enumerate(run.steps[s].selection.kv_union(h_kv)):
+                tok = tok[(tok >= st.first) & (tok < st.prompt_len)]
+                ids = np.unique(st.labels[h, tok - st.first]).astype(np.int32)
+                chunks.append(ids)
+                pos += ids.size
+                offsets[s, li, h + 1] = pos
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+    meta = {"method": "clusterkv", "params": repr(method), "prefill_len": prefill_len}
+    return AccessTrace("cluster", 2 * layout.row_bytes(d), n_units, tuple(order), h_kv, ids, offsets, sizes, meta)
