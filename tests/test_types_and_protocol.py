@@ -139,10 +139,19 @@ def test_cli_methods_table_runs_as_a_module():
     assert f"{n_rows} methods" in out.stdout
 
 
-def test_cli_report_prints_the_demo(capsys):
-    assert cli.main(["report", "--n", "256"]) == 0
+def test_cli_demo_prints_precision_and_every_oracle(capsys):
+    assert cli.main(["demo", "--n", "256"]) == 0
     out = capsys.readouterr().out
-    assert "naive float16" in out and "dense" in out
+    assert "naive float16" in out
+    for name in registry.entries():
+        assert name in out
+
+
+def test_cli_report_is_the_main_job(capsys):
+    assert cli.main(["report", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "methods; oracle:" in out and "Quality on a real trace" in out
+    assert "quest            128" in out and "dense attention, same model/GPU/context" in out
 
 
 def test_cli_usage_errors_exit_2(capsys):
