@@ -1,0 +1,368 @@
+"""Eviction oracles: H2O (all variants), SnapKV, PyramidKV, CORM.
+
+Expected values are computed here from the definitions with plain NumPy loops (naive softmax per
+row), never with the oracle's own helpers.
+"""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import example, given, strategies as st
+
+from kvsparse import registry
+from kvsparse.oracle import Layout, run_decode
+from kvsparse.oracle.corm import CORM
+from kvsparse.oracle.dense import Dense
+from kvsparse.oracle.h2o import H2O
+from kvsparse.oracle.pyramidkv import PyramidKV, pyramid_budget
+from kvsparse.oracle.sliding_window import SlidingWindow
+from kvsparse.oracle.snapkv import SnapKV
+from kvsparse.property_tests.sequences import (decode_sequences, edge_lengths, make_decode_sequence, size_edges,
+                                               sizes)
+
+
+def naive_probs(q, keys):
+    """Softmax of q . k / sqrt(d) over the given key rows, one row at a time."""
+    s = keys @ q / np.sqrt(q.shape[0])
+    e = np.exp(s - s.max())
+    return e / e.sum()
+
+
+def dense_output(seq, t):
+    """Dense attention on a contiguous [H_kv, t+1, d] cache (the layout the oracles store; einsum's
+    rounding may depend on the memory layout, so "exactly" is stated for the same layout)."""
+    k = np.ascontiguousarray(seq.k_seq[: t + 1].transpose(1, 0, 2))
+    v = np.ascontiguousarray(seq.v_seq[: t + 1].transpose(1, 0, 2))
+    return Dense().step(seq.q_seq[t], k, v).output
+
+
+def run(method, seq):
+    return run_decode(method, seq.q_seq, seq.k_seq, seq.v_seq, prefill_len=seq.prefill_len)
+
+
+def test_registered_eviction():
+    registry.load_all()
+    for name, cls in [("h2o", H2O), ("snapkv", SnapKV), ("pyramidkv", PyramidKV), ("corm", CORM)]:
+        assert registry.get(name).oracle is cls and cls.family == "eviction" and cls.stateful
+
+
+def test_sequence_strategies_reach_the_edges():
+    assert edge_lengths(16, 4) == [4, 5, 15, 16, 17, 23, 24]       # w, w+1, C-1, C, C+1, 2(C-w)-1, 2(C-w)
+    assert {0, 1, 29, 30, 31} <= set(size_edges(8, context=30))     # r = hh = S = 0 and S >= T
+
+
+# --- budgets covering the context: dense, exactly -------------------------------------------------
+
+@given(seq=decode_sequences(max_length=24), extra=st.integers(0, 2))
+def test_covering_budgets_are_dense_exactly(seq, extra):
+    t_max = seq.length
+    methods = [H2O(heavy=t_max + extra, recent=0), H2O(heavy=0, recent=t_max + extra),
+               H2O(heavy=extra, recent=t_max, timing="after_attention"),
+               SnapKV(window=1, capacity=seq.prefill_len + 1 + extra),
+               PyramidKV(window=1, capacity=seq.prefill_len + 1 + extra, num_layers=4, layer=3),
+               CORM(window=1, threshold=0.0)]
+    for m in methods:
+        for j, step in enumerate(run(m, seq).steps):
+            t = seq.prefill_len + j
+            assert (step.selection.sizes == t + 1).all(), m
+            np.testing.assert_array_equal(step.output, dense_output(seq, t))
+
+
+# --- H2O --------------------------------------------------------------------------------------------
+
+@given(seq=decode_sequences(max_length=30), recent=sizes(8).filter(lambda r: r >= 1))
+def test_h2o_without_heavy_hitters_is_the_window(seq, recent):
+    for timing, span in (("before_attention", recent), ("after_attention", recent + 1)):
+        a = run(H2O(heavy=0, recent=recent, timing=timing), seq)
+        b = run(SlidingWindow(window=span), seq)
+        for x, y in zip(a.steps, b.steps):
+            assert x.selection == y.selection
+            np.testing.assert_allclose(x.output, y.output, rtol=1e-13, atol=1e-15)
+
+
+def h2o_replay(method, seq):
+    """prefill + decode by hand, keeping every state: [(state_before, step_result, state_after)]."""
+    state = method.prefill(seq.q_seq[: seq.prefill_len], seq.k_seq[: seq.prefill_len], seq.v_seq[: seq.prefill_len])
+    out = [(None, None, state)]
+    for t in range(seq.prefill_len, seq.length):
+        new, res = method.decode(state, seq.q_seq[t], seq.k_seq[t], seq.v_seq[t])
+        out.append((state, res, new))
+        state = new
+    return out
+
+
+def check_h2o_scores(method, seq):
+    """Accumulated score of every kept token == brute-force sum of the attention it received."""
+    h_q = seq.q_seq.shape[1]
+    g = h_q // seq.k_seq.shape[1]
+    brute = np.zeros((h_q, seq.length))
+    p = seq.prefill_len
+    for h in range(h_q):
+        for i in range(p):                                    # prefill: every prompt row, causal
+            brute[h, : i + 1] += naive_probs(seq.q_seq[i, h], seq.k_seq[: i + 1, h // g])
+    replay = h2o_replay(method, seq)
+    for before, res, after in replay[1:]:
+        t = after.n - 1
+        for h in range(h_q):
+            ix = res.selection.indices[h]
+            brute[h, ix] += naive_probs(seq.q_seq[t, h], seq.k_seq[ix, h // g])
+        kept = after.kept
+        np.testing.assert_allclose(after.scores[kept], brute[:, : after.n][kept], rtol=1e-10, atol=1e-12)
+
+
+@given(seq=decode_sequences(max_length=28), heavy=sizes(6), recent=sizes(6), timing=st.sampled_from(
+    ["before_attention", "after_attention"]))
+@example(seq=make_decode_sequence(12, 2, 1, 4, prefill_len=6), heavy=2, recent=0, timing="before_attention")
+def test_h2o_incremental_score_is_the_brute_force_sum(seq, heavy, recent, timing):
+    if heavy + recent == 0:
+        heavy = 1
+    check_h2o_scores(H2O(heavy=heavy, recent=recent, timing=timing), seq)
+
+
+def test_planted_bug_in_score_accumulation_is_caught():
+    class ForgetsPrefill(H2O):                      # accumulates decode rows only
+        def prefill(self, q, k, v):
+            state = super().prefill(q, k, v)
+            return replace(state, scores=np.zeros_like(state.scores))
+    seq = make_decode_sequence(14, 2, 1, 4, prefill_len=8, seed=2)
+    check_h2o_scores(H2O(heavy=2, recent=2), seq)
+    with pytest.raises(AssertionError):
+        check_h2o_scores(ForgetsPrefill(heavy=2, recent=2), seq)
+
+
+def check_h2o_eviction(method, seq, heavy, recent):
+    """Cache-size closed form, recent window present, and every eviction a valid top-k (tie rule)."""
+    for before, res, after in h2o_replay(method, seq)[1:]:
+        n = after.n
+        sizes_ = res.selection.sizes
+        assert (sizes_ == min(n, heavy + recent)).all(), (n, sizes_)
+        for ix in res.selection.indices:
+            assert set(range(max(0, n - recent), n)) <= set(ix)
+        # the tokens evicted at this step lost to the kept non-recent ones: score, then lower index
+        scores = before.scores
+        for u in range(after.kept.shape[0]):
+            evicted = np.flatnonzero(before.kept[u] & ~after.kept[u, :-1])
+            kept = np.flatnonzero(after.kept[u, :-1] & (np.arange(n - 1) < n - recent))
+            for e in evicted:
+                for k in kept:
+                    assert (scores[u, k], -k) >= (scores[u, e], -e), (u, k, e)
+
+
+@given(seq=decode_sequences(max_length=28, edge_capacity=8, edge_window=3), heavy=sizes(6),
+       recent=sizes(6).filter(lambda r: r >= 1))
+def test_h2o_cache_size_recent_window_and_valid_topk(seq, heavy, recent):
+    check_h2o_eviction(H2O(heavy=heavy, recent=recent), seq, heavy, recent)
+
+
+def test_planted_bug_evicting_the_largest_score_is_caught():
+    import kvsparse.oracle.h2o as h2o_module
+    original = h2o_module.evict
+
+    def evict_wrong(kept, scores, n, heavy, recent, protect_leaving=False):
+        return original(kept, -scores, n, heavy, recent, protect_leaving)
+    seq = make_decode_sequence(16, 2, 1, 4, prefill_len=6, seed=5)
+    check_h2o_eviction(H2O(heavy=2, recent=2), seq, 2, 2)
+    h2o_module.evict = evict_wrong
+    try:
+        with pytest.raises(AssertionError):
+            check_h2o_eviction(H2O(heavy=2, recent=2), seq, 2, 2)
+    finally:
+        h2o_module.evict = original
+
+
+def test_h2o_mask_sim_gap_token():
+    """Masking simulation: heavy 2 + recent 2 visible, but position L - recent is never visible."""
+    seq = make_decode_sequence(30, 2, 2, 4, prefill_len=20, seed=1)
+    m = H2O(execution="mask_sim", ratio_rounding="float")         # int(0.1 * 20) = 2 heavy + 2 recent
+    for j, step in enumerate(run(m, seq).steps):
+        t = 20 + j                         # the mask of this step was made at the previous step (L = t keys)
+        for ix in step.selection.indices:
+            assert len(ix) == 4 and t in ix and t - 1 in ix and (t - 2) not in ix   # the gap token
+    # recent = 0: the query cannot see its own token, and evicted scores are never zeroed
+    m0 = H2O(heavy=3, recent=0, execution="mask_sim")
+    state = m0.prefill(seq.q_seq[:20], seq.k_seq[:20], seq.v_seq[:20])
+    state, res = m0.decode(state, seq.q_seq[20], seq.k_seq[20], seq.v_seq[20])
+    assert all(20 not in ix and len(ix) == 3 for ix in res.selection.indices)
+    assert (state.scores[:, :20] > 0).all()
+
+
+def test_h2o_flexgen_budget_and_leaving_token():
+    seq = make_decode_sequence(40, 2, 2, 4, prefill_len=30, seed=4)
+    m = H2O.presets()["h2o-flexgen"]                   # hh_k = int(30 * 0.1) = 3: 3 heavy + 2 recent + new
+    for before, res, after in h2o_replay(m, seq)[1:]:
+        n = after.n
+        assert (res.selection.sizes == 6).all()
+        leaving = n - 3                                # left the recent window at this step: joins the heavies
+        assert after.kept[:, leaving].all()
+
+
+def test_h2o_traffic_counts_scores_as_auxiliary():
+    seq = make_decode_sequence(20, 4, 2, 8, prefill_len=12)
+    step = run_decode(H2O(heavy=3, recent=2), seq.q_seq, seq.k_seq, seq.v_seq, prefill_len=12,
+                      layout=Layout(element_bits=16)).steps[-1]
+    union = sum(len(set(step.selection.indices[2 * j]) | set(step.selection.indices[2 * j + 1])) for j in range(2))
+    assert step.traffic.get("hbm", "keys") == union * 8 * 2
+    assert step.traffic.get("hbm", "auxiliary") == 4 * 5 * 4        # 4 heads x 5 kept tokens x fp32
+
+
+# --- SnapKV / PyramidKV ----------------------------------------------------------------------------
+
+def naive_snapkv_keep(seq, window, n_total, kernel, pool):
+    """Per query head: window votes (naive softmax), pooled by explicit loops, window forced in."""
+    p = seq.prefill_len
+    h_q = seq.q_seq.shape[1]
+    g = h_q // seq.k_seq.shape[1]
+    keeps = []
+    for h in range(h_q):
+        s = np.zeros(p - window)
+        for i in range(p - window, p):
+            s += naive_probs(seq.q_seq[i, h], seq.k_seq[: i + 1, h // g])[: p - window]
+        half = kernel // 2
+        pooled = np.array([(max(s[max(0, j - half): j + half + 1]) if pool == "max"
+                            else s[max(0, j - half): j + half + 1].sum() / kernel) for j in range(p - window)])
+        order = sorted(range(p - window), key=lambda j: (-pooled[j], j))
+        keeps.append(sorted(order[: max(0, n_total - window)]) + list(range(p - window, p)))
+    return keeps, pooled
+
+
+@given(seq=decode_sequences(min_length=8, max_length=30, edge_capacity=9, edge_window=3),
+       kernel=st.sampled_from([1, 3, 5]), pool=st.sampled_from(["max", "avg"]))
+def test_snapkv_selection_matches_the_definition(seq, kernel, pool):
+    window, capacity = 3, 9
+    step = run(SnapKV(window=window, capacity=capacity, kernel=kernel, pool=pool), seq).steps[0]
+    p = seq.prefill_len
+    if p < capacity:                                      # T < C: nothing compressed (T == C is)
+        assert (step.selection.sizes == p + 1).all()
+        return
+    expected, _ = naive_snapkv_keep(seq, window, capacity, kernel, pool)
+    for h, ix in enumerate(step.selection.indices):
+        kept = set(ix) - {p}
+        assert kept == set(expected[h]), (h, sorted(kept), expected[h])
+
+
+@given(seq=decode_sequences(min_length=6, max_length=30))
+def test_snapkv_kernel_one_is_unpooled(seq):
+    a = run(SnapKV(window=2, capacity=5, kernel=1, pool="max"), seq)
+    b = run(SnapKV(window=2, capacity=5, pool="none"), seq)
+    c = run(SnapKV(window=2, capacity=5, kernel=1, pool="avg"), seq)
+    for x, y, z in zip(a.steps, b.steps, c.steps):
+        assert x.selection == y.selection == z.selection
+        np.testing.assert_array_equal(x.output, y.output)
+
+
+@given(seq=decode_sequences(min_length=6, max_length=40), layer=st.integers(0, 5), gqa=st.sampled_from(
+    ["per_query_head", "mean", "max"]))
+def test_pyramidkv_below_threshold_is_snapkv(seq, layer, gqa):
+    window, capacity = 2, 16
+    if seq.prefill_len >= 2 * (capacity - window):
+        return                                   # the pyramid branch proper
+    a = run(PyramidKV(window=window, capacity=capacity, layer=layer, num_layers=6, gqa=gqa), seq)
+    b = run(SnapKV(window=window, capacity=capacity, gqa=gqa), seq)
+    for x, y in zip(a.steps, b.steps):
+        assert x.selection == y.selection
+
+
+def test_pyramid_budget_schedule_hand_values():
+    """KVCache-Factory's integer schedule: T=8000, C=128, w=8, L=32 gives 242 .. 25, mean 133.5 > 128."""
+    caps = [pyramid_budget(8000, capacity=128, window=8, beta=20, layer=l, num_layers=32) for l in range(32)]
+    assert caps[0] == 242 and caps[31] == 25 and np.mean(caps) == 133.5
+    assert pyramid_budget(127, capacity=128, window=8, beta=20, layer=5, num_layers=32) is None   # T < C
+    assert pyramid_budget(200, capacity=128, window=8, beta=20, layer=5, num_layers=32) == 128   # T < 2B
+    assert pyramid_budget(8000, capacity=128, window=8, beta=20, layer=0, num_layers=1) == 242   # steps = 0
+
+
+def test_snapkv_gqa_modes_and_window_kept():
+    seq = make_decode_sequence(40, 4, 2, 8, prefill_len=32, seed=7)
+    per_head = run(SnapKV(window=4, capacity=12), seq).steps[0].selection
+    shared = run(SnapKV(window=4, capacity=12, gqa="mean"), seq).steps[0].selection
+    assert len({tuple(ix) for ix in per_head.indices}) > 2      # per query head: G-times cache
+    assert shared.indices[0].tolist() == shared.indices[1].tolist()
+    for sel in (per_head, shared):
+        assert (sel.sizes == 13).all() and all(set(range(28, 33)) <= set(ix) for ix in sel.indices)
+
+
+# --- CORM -------------------------------------------------------------------------------------------
+
+def check_corm(method, seq):
+    """Recent tokens kept; an evicted key was below threshold/m for each of the last `window` queries
+    (naive probabilities over each step's attended set, the current step included)."""
+    h_q = seq.q_seq.shape[1]
+    g = h_q // seq.k_seq.shape[1]
+    state = method.prefill(seq.q_seq[: seq.prefill_len], seq.k_seq[: seq.prefill_len], seq.v_seq[: seq.prefill_len])
+    history = []                                          # (t, per-head {pos: prob}) of decode steps
+    for t in range(seq.prefill_len, seq.length):
+        new, res = method.decode(state, seq.q_seq[t], seq.k_seq[t], seq.v_seq[t])
+        probs = []
+        for h in range(h_q):
+            ix = res.selection.indices[h]
+            pr = naive_probs(seq.q_seq[t, h], seq.k_seq[ix, h // g])
+            probs.append({int(i): (p, len(ix)) for i, p in zip(ix, pr)})
+        history.append(probs)
+        recent = max(1, method.window if method.recent is None else method.recent)
+        assert new.kept[:, max(0, t + 1 - recent): t + 1].all()
+        evicted = np.argwhere(state.kept & ~new.kept[:, :-1])
+        for u, pos in evicted:
+            heads = range(u * g, (u + 1) * g) if method.gqa == "union" else [u]
+            assert len(history) >= method.window, "evicted before enough decode queries judged it"
+            for probs_t in history[-method.window:]:
+                for h in heads:
+                    p, m = probs_t[h][int(pos)]
+                    assert p < method.threshold / m, (u, pos, p, m)
+        state = new
+
+
+@given(seq=decode_sequences(max_length=30, min_length=4), window=st.integers(1, 4),
+       threshold=st.sampled_from([0.5, 1.0, 2.0]), gqa=st.sampled_from(["union", "per_query_head"]))
+def test_corm_evicts_only_keys_minor_for_the_whole_window(seq, window, threshold, gqa):
+    seq = replace(seq, prefill_len=1)                     # every judgement is a decode step we can see
+    check_corm(CORM(window=window, threshold=threshold, gqa=gqa), seq)
+
+
+def test_corm_evicts_something_and_planted_bug_is_caught():
+    seq = replace(make_decode_sequence(40, 4, 2, 8, prefill_len=10, family="sink_and_local", seed=3), prefill_len=1)
+    run_ = run_decode(CORM(window=2), seq.q_seq, seq.k_seq, seq.v_seq, prefill_len=1)
+    assert run_.steps[-1].selection.sizes.max() < 40           # it does evict
+    check_corm(CORM(window=2), seq)
+
+    class Impatient(CORM):                                      # judges after one query, not `window`
+        def evict(self, kept, last_important, t):
+            return CORM(window=1, recent=self.window).evict(kept, last_important, t)
+    with pytest.raises(AssertionError):
+        check_corm(Impatient(window=2), seq)
+
+
+def test_eviction_bad_parameters_and_states():
+    with pytest.raises(ValueError, match="capacity"):
+        SnapKV(window=8, capacity=8)
+    with pytest.raises(ValueError, match="kernel"):
+        SnapKV(kernel=4)
+    with pytest.raises(ValueError, match="gqa"):
+        H2O(gqa="union")
+    with pytest.raises(ValueError, match="heavy \\+ recent"):
+        H2O(heavy=0, recent=0)
+    with pytest.raises(ValueError, match="layer"):
+        PyramidKV(layer=32, num_layers=32)
+    with pytest.raises(ValueError, match="threshold"):
+        CORM(threshold=-1.0)
+    seq = make_decode_sequence(8, 2, 1, 4, prefill_len=6)
+    state = SnapKV(window=2, capacity=4).prefill(seq.q_seq[:6], seq.k_seq[:6], seq.v_seq[:6])
+    with pytest.raises(TypeError, match="H2OState"):
+        H2O(heavy=2, recent=2).decode(state, seq.q_seq[6], seq.k_seq[6], seq.v_seq[6])
+    with pytest.raises(ValueError, match="k_new"):
+        SnapKV(window=2, capacity=4).decode(state, seq.q_seq[6], seq.k_seq[6][:, :2], seq.v_seq[6])
+    with pytest.raises(ValueError, match="more prompt tokens"):
+        SnapKV.presets()["kvpress"].prefill(seq.q_seq[:6], seq.k_seq[:6], seq.v_seq[:6])
+
+
+def test_old_states_stay_valid_after_branching():
+    """Decoding twice from one state (explicit state, shared history) gives the same result."""
+    seq = make_decode_sequence(12, 2, 1, 4, prefill_len=8, seed=9)
+    m = H2O(heavy=2, recent=2)
+    s0 = m.prefill(seq.q_seq[:8], seq.k_seq[:8], seq.v_seq[:8])
+    s1, r1 = m.decode(s0, seq.q_seq[8], seq.k_seq[8], seq.v_seq[8])
+    m.decode(s1, seq.q_seq[9], seq.k_seq[9], seq.v_seq[9])
+    _, r1b = m.decode(s0, seq.q_seq[8], seq.k_seq[8] + 1.0, seq.v_seq[8])      # a different branch
+    s1c, r1c = m.decode(s0, seq.q_seq[8], seq.k_seq[8], seq.v_seq[8])
+    np.testing.assert_array_equal(r1.output, r1c.output)
+    assert not np.array_equal(r1b.output, r1.output)
+    np.testing.assert_array_equal(s1.keys(), s1c.keys())
