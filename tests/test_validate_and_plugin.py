@@ -18,23 +18,32 @@ CASES = [  # (method, kernel, expected exit status, property that must be named)
     ("quest", "quest_ok", 0, None),
     ("quest", "quest_partial_page_off_by_one", 1, "selection"),
     ("quest", "quest_per_group", 1, "selection"),
+    ("streaming_llm", "streaming_ok", 0, None),
+    ("streaming_llm", "streaming_dropped_sink", 1, "selection"),
+    # statistical (module doc of property_tests/vattention.py, check_sampler): a correct sampler fails
+    # with probability <= --alpha (1e-4 here, per run); the undersized sample must be caught
+    ("vattention", "vattention_ok", 0, None),
+    ("vattention", "vattention_quarter_budget", 1, "guarantee"),
 ]
+GOOD = {"dense": "dense_ok", "quest": "quest_ok", "streaming_llm": "streaming_ok", "vattention": "vattention_ok"}
 
 
 @pytest.mark.parametrize("method,kernel,status,prop", CASES, ids=[c[1] for c in CASES])
 def test_validate_verdicts(method, kernel, status, prop, tmp_path, capsys):
     save = tmp_path / "fail.npz"
-    code = cli.main(["validate", method, f"{EXAMPLES}:{kernel}", "--examples", "30", "--save", str(save)])
+    code = cli.main(["validate", method, f"{EXAMPLES}:{kernel}", "--examples", "30", "--save", str(save),
+                     "--alpha", "1e-4"])
     out = capsys.readouterr().out
     assert code == status, out
     if status == 0:
         assert "PASS" in out and not save.exists()
         return
-    assert f"property broken: {prop}" in out and "DecodeInput(" in out
+    assert f"property broken: {prop}" in out and ("DecodeInput(" in out or "sequence T=" in out)
+    if prop == "guarantee":   # the verdict states the measured rate, its interval and delta
+        assert "95% CI [" in out and "vs delta" in out and "exact binomial test" in out
     # the saved input re-runs: the buggy kernel still fails on it, the correct one passes
     assert cli.main(["validate", method, f"{EXAMPLES}:{kernel}", "--replay", str(save)]) == 1
-    good = "dense_ok" if method == "dense" else "quest_ok"
-    assert cli.main(["validate", method, f"{EXAMPLES}:{good}", "--replay", str(save)]) == 0
+    assert cli.main(["validate", method, f"{EXAMPLES}:{GOOD[method]}", "--replay", str(save)]) == 0
 
 
 def test_validate_usage_errors_exit_2(capsys):

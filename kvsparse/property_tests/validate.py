@@ -8,6 +8,16 @@ with NumPy arrays in the kernel's dtype (torch tensors returned are converted at
 stateful methods add ``kernel.prefill(method, q_prompt, k_prompt, v_prompt) -> state`` and
 ``kernel.decode(method, state, q, k_new, v_new, *, scale=None) -> (state, step)``.
 
+Randomized kernels (method ``vattention``) also take ``rng=`` (a ``numpy.random.Generator``) and
+return ``(output, indices, weights)``; they are checked statistically (``validate_sampler``,
+``property_tests.vattention.check_sampler``): ``--calls`` independent calls per input, exact
+binomial test of the claimed failure probability at the stated false alarm ``--alpha``.
+
+Stateful methods without a registered suite, or whose oracle needs a longer prompt than the suite
+draws (kvpress presets: ``T > window``), are checked on ``fitted_sequences`` (exact selection when
+the method has no score band). A kernel may name the preset it implements (``kernel.kvsparse_preset``,
+as the kvpress adapters do): it is used when no ``--preset`` is given (``--params`` then override its fields).
+
 On a failure, the smallest failing input hypothesis found is saved (``.npz``: the exact arrays the
 kernel was called with, the method's hyper-parameters and the dtype) and can be re-run with
 ``--replay FILE``. Exit status: 0 pass, 1 a bug was found, 2 usage error.
@@ -24,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from hypothesis import HealthCheck, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, given, seed as hyp_seed, settings as hyp_settings, strategies as st
 
 from .. import registry
 from ..oracle import core
@@ -111,13 +121,13 @@ def method_params(method) -> dict:
     return out
 
 
-def save_failure(path, name: str, dtype: str, recorder: Recorder, verdict) -> Path:
+def save_failure(path, name: str, dtype: str, recorder: Recorder, verdict, extra: dict | None = None) -> Path:
     """Write the failing input (exact kernel arguments) and everything needed to re-run it."""
     last = recorder.last
     arrays = {key: (np.concatenate(last[key]) if last["kind"] == "decode" else last[key]) for key in ("q", "k", "v")}
     meta = {"method": name, "class": type(last["method"]).__name__, "params": method_params(last["method"]),
             "dtype": dtype, "kind": last["kind"], "prefill_len": last.get("prefill_len"),
-            "verdict": str(verdict)}
+            "verdict": str(verdict), **(extra or {})}
     path = Path(path)
     with open(path, "wb") as fh:
         np.savez(fh, meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8),
@@ -137,30 +147,148 @@ def replay(path, kernel: Callable):
     params = {key: (np.asarray(val) if isinstance(getattr(base, key, None), (np.ndarray, type(None))) else tuple(val))
               if isinstance(val, list) else val for key, val in meta["params"].items()}
     method = fixed_method(meta["method"], params=params)
-    suite = suites.suite_for(meta["method"])
+    if meta["method"] == SAMPLER_METHOD:
+        from . import vattention as va
+        return va.check_sampler(method, kernel, q, k, v, calls=meta["calls"], alpha=meta["alpha"],
+                                seed=meta["rng_seed"], dtype=meta["dtype"])
+    scores = getattr(registry.get(meta["method"]).suite, "scores", None)   # none: generic stateful check
     if meta["kind"] == "decode":
         return suites.check_decode(method, kernel, q, k, v, prefill_len=meta["prefill_len"], dtype=meta["dtype"],
-                                   scores=suite.scores)
-    return suites.check_step(method, kernel, DecodeInput(q, k, v, "replay", 0), dtype=meta["dtype"],
-                             scores=suite.scores)
+                                   scores=scores)
+    return suites.check_step(method, kernel, DecodeInput(q, k, v, "replay", 0), dtype=meta["dtype"], scores=scores)
+
+
+SAMPLER_METHOD = "vattention"        # randomized: checked statistically (validate_sampler)
+DEFAULT_CALLS = 200
+DEFAULT_ALPHA = 1e-4
+# exact selection (no score band) cannot forgive float32 rounding of deliberate near-ties or of
+# probabilities that underflow: the generic stateful check draws from the other families
+GENERIC_FAMILIES = ("gaussian", "outlier_channels", "heavy_tails", "sink_and_local")
+
+
+def min_prompt_len(method, *, limit: int = 1024) -> int:
+    """Shortest prompt ``method.prefill`` accepts (a kvpress preset needs ``T > window``)."""
+    rng = np.random.default_rng(0)
+    for t in range(1, limit + 1):
+        q, k, v = (rng.standard_normal((t, h, 4)) for h in (2, 1, 1))
+        try:
+            method.prefill(q, k, v)
+            return t
+        except ValueError:
+            continue
+    raise ValueError(f"{method!r} accepts no prompt of up to {limit} tokens")
+
+
+@st.composite
+def fitted_sequences(draw, min_prompt: int, *, max_extra_prompt: int = 16, max_steps: int = 6,
+                     families=GENERIC_FAMILIES, max_h_kv: int = 2, max_group: int = 3, head_dims=(4, 8, 16)):
+    """``(q_seq, k_seq, v_seq, prefill_len)`` with ``prefill_len >= min_prompt`` and 1..max_steps decode steps."""
+    from .strategies import make_decode_input
+    h_kv, g = draw(st.integers(1, max_h_kv)), draw(st.integers(1, max_group))
+    prefill = draw(st.integers(min_prompt, min_prompt + max_extra_prompt))
+    t = prefill + draw(st.integers(1, max_steps))
+    d = draw(st.sampled_from(head_dims))
+    inp = make_decode_input(h_kv * g, h_kv, t, d, draw(st.sampled_from(families)), draw(st.integers(0, 2**32 - 1)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    q_seq = rng.standard_normal((t, h_kv * g, d)) + inp.q[None]
+    return q_seq, inp.k.transpose(1, 0, 2), inp.v.transpose(1, 0, 2), prefill
+
+
+def suite_for_fixed(name: str, method):
+    """The suite that checks kernels of one fixed ``method`` (registered, or the generic stateful one)."""
+    try:
+        suite = suites.suite_for(name)
+    except ValueError:
+        from ..oracle.method import StatefulMethod
+        if not isinstance(method, StatefulMethod):
+            raise
+        suite = suites.MethodSuite(name, methods=None)
+    suite = dataclasses.replace(suite, methods=lambda shapes, m=method: st.just(m))
+    if hasattr(method, "prefill") and hasattr(method, "decode"):
+        need = min_prompt_len(method)
+        if suite.sequences is None or need > 1:
+            suite = dataclasses.replace(suite, sequences=fitted_sequences(need))
+    return suite
+
+
+def _settings(examples: int, seed):
+    return hyp_settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=False)
 
 
 def validate(name: str, kernel: Callable, *, params: dict | None = None, preset: str | None = None,
              examples: int = DEFAULT_EXAMPLES, seed: int | None = None, dtype: str = "float32",
-             save: str | Path | None = None):
+             save: str | Path | None = None, calls: int = DEFAULT_CALLS, alpha: float = DEFAULT_ALPHA):
     """Run ``name``'s suite on ``kernel``. Returns ``(report, saved_path_or_None)``."""
-    suite = suites.suite_for(name)
-    if params or preset:
-        method = fixed_method(name, preset or "canonical", params)
-        suite = dataclasses.replace(suite, methods=lambda shapes, m=method: st.just(m))
     examples = core.check_positive_int(examples, "examples")
+    if preset is None:
+        preset = getattr(kernel, "kvsparse_preset", None)
+    if name == SAMPLER_METHOD:
+        return validate_sampler(kernel, params=params, preset=preset, examples=examples, seed=seed, dtype=dtype,
+                                save=save, calls=calls, alpha=alpha)
+    registry.get(name)                     # unknown method: ValueError (usage error)
+    if params or preset:
+        suite = suite_for_fixed(name, fixed_method(name, preset or "canonical", params))
+    else:
+        suite = suites.suite_for(name)
     recorder = Recorder(kernel)
-    s = hyp_settings(max_examples=examples, deadline=None, database=None, derandomize=seed is None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=False)
-    report = suites.run_suite(suite, recorder, dtype=dtype, settings=s, seed=seed)
+    report = suites.run_suite(suite, recorder, dtype=dtype, settings=_settings(examples, seed), seed=seed)
+    if registry.get(name).suite is None:
+        report.notes.append("no registered suite for this method: generic stateful check, exact selection, "
+                            f"input families {GENERIC_FAMILIES}")
     path = None
     if not report.ok and recorder.last:
         path = save_failure(save or f"kvsparse-failure-{name}.npz", name, dtype, recorder, report.failure)
+    return report, path
+
+
+def validate_sampler(kernel: Callable, *, params: dict | None = None, preset: str | None = None,
+                     examples: int = DEFAULT_EXAMPLES, seed: int | None = None, dtype: str = "float32",
+                     save: str | Path | None = None, calls: int = DEFAULT_CALLS, alpha: float = DEFAULT_ALPHA):
+    """vAttention kernels: ``calls`` independent calls per drawn input, statistical verdict per input.
+
+    Inputs and (sinks, local, heavy, epsilon, delta) are drawn by ``vattention.cases`` (planted-logit
+    families, n <= 300); ``params`` override drawn fields. The false alarm of the whole run is at most
+    ``alpha``: each of the ``examples`` inputs is tested at ``alpha / examples`` (hypothesis runs at
+    most ``examples`` inputs unless a failure is found, after which shrinking only re-confirms it).
+    """
+    from . import vattention as va
+    from .strategies import DecodeInput
+    calls = core.check_positive_int(calls, "calls")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    base = fixed_method(SAMPLER_METHOD, preset or "canonical")
+    fixed_method(SAMPLER_METHOD, params=params)       # unknown fields: ValueError now, not mid-search
+    recorder = Recorder(kernel)
+    name = getattr(kernel, "__qualname__", type(kernel).__name__)
+    report = suites.SuiteReport(SAMPLER_METHOD, f"{getattr(kernel, '__module__', '')}.{name}", dtype)
+    report.notes.append(f"statistical: {calls} calls per input, false alarm <= {alpha:g} for the whole run")
+    last: list = []
+
+    @given(va.cases(families=tuple(f for f in va.FAMILIES if f != "large_ns"), max_n=300))
+    def prop(case):
+        method = dataclasses.replace(base, sinks=case.sinks, local=case.local, heavy=case.heavy,
+                                     epsilon=case.epsilon, delta=case.delta, **(params or {}))
+        q, k, v = case.inputs()
+        report.examples += 1
+        verdict = va.check_sampler(method, recorder, q, k, v, calls=calls, alpha=alpha / examples,
+                                   seed=case.seed % 2**32, dtype=dtype,
+                                   label=repr(DecodeInput(q, k, v, case.family, case.seed)))
+        last.append((verdict, case.seed % 2**32))
+        assert verdict.ok, str(verdict)
+
+    if seed is not None:
+        prop = hyp_seed(seed)(prop)
+    try:
+        _settings(examples, seed)(prop)()
+    except AssertionError:
+        report.failure, rng_seed = next(((v, sd) for v, sd in reversed(last) if not v.ok), (None, None))
+        if report.failure is None:
+            raise
+    path = None
+    if not report.ok and recorder.last:
+        path = save_failure(save or f"kvsparse-failure-{SAMPLER_METHOD}.npz", SAMPLER_METHOD, dtype, recorder,
+                            report.failure, {"calls": calls, "alpha": alpha / examples, "rng_seed": rng_seed})
     return report, path
 
 
@@ -178,7 +306,8 @@ def cmd_validate(args) -> int:
             return 1 if bad else 0
         t0 = time.perf_counter()
         report, path = validate(args.method, kernel, params=params, preset=args.preset, examples=args.examples,
-                                seed=args.seed, dtype=args.dtype, save=args.save)
+                                seed=args.seed, dtype=args.dtype, save=args.save, calls=args.calls,
+                                alpha=args.alpha)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         print(f"kvsparse validate: error: {exc}", file=sys.stderr)
         return 2
@@ -204,5 +333,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: derandomized, reproducible)")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
     p.add_argument("--save", default=None, help="where to save a failing input (default kvsparse-failure-METHOD.npz)")
+    p.add_argument("--calls", type=int, default=DEFAULT_CALLS,
+                   help="randomized methods (vattention): independent calls per input")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help="randomized methods: false-alarm probability of the whole run")
     p.add_argument("--replay", default=None, help="re-run a saved failing input instead of searching")
     p.set_defaults(func=cmd_validate)

@@ -521,3 +521,110 @@ def plot_audit(rows: list[dict], path: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# a third-party sampler: statistical validation (``kvsparse validate vattention``)
+# ------------------------------------------------------------------------------------------------
+
+def check_sampler(method: VAttention, kernel, q, k, v, *, calls: int = 200, alpha: float = 1e-6, seed: int = 0,
+                  dtype: str = "float32", reference_trials: int = 2000, scale: float | None = None,
+                  label: str = ""):
+    """Does a randomized kernel keep ``method``'s claims on one input? Returns a ``suites.Verdict``.
+
+    The kernel is called ``calls`` times, each with an independent ``rng=`` Generator (children of
+    ``default_rng(seed)``), and returns ``(output, indices, weights)``. Properties:
+
+    * ``contract``: it ran, returned finite ``[H_q, d]`` output and integer indices in ``[0, n)`` with
+      one weight each.
+    * ``selection``: every call's indices contain the deterministic set of the oracle (sinks and
+      local window exactly; a top-k token may be missing only if its logit is within the kernel's
+      rounding band, ``suites.dot_band``, of the first token left out).
+    * ``guarantee``: per query head and claimed target ``t`` (``method.claims()``: output from the
+      returned output, numerator/denominator from the returned weights, ``N^ = sum w_j x_j v_j``,
+      ``D^ = sum w_j x_j``), count the calls with relative error above ``eps_t`` and reject with the
+      exact binomial test of ``H0: p <= p0`` where ``p0 = max(delta_t, u)`` and ``u`` is the exact
+      one-sided Clopper-Pearson upper bound of the *oracle's own* failure rate on this input
+      (``reference_trials`` trials of ``verify``): a correct sampler is not blamed where the
+      method's CLT budget itself misses its claim. False alarm: each of the ``H_q x claims`` tests
+      and each reference bound gets ``alpha / (2 H_q |claims|)``, so a correct kernel fails this
+      input with probability at most ``alpha``.
+    """
+    from . import suites, tolerances
+    from ..oracle.vattention import _size
+    calls = core.check_positive_int(calls, "calls")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    q, k, v = (tolerances.round_to(np.asarray(x, dtype=np.float64), dtype) for x in (q, k, v))
+    q, k, v, sh = core.check_decode_inputs(q, k, v, scale=scale)
+    label = label or f"input H_q={sh.h_q}, H_kv={sh.h_kv}, n={sh.n}, d={sh.d}, seed {seed}"
+    s = core.logits(q, k, scale)
+    x = np.exp(s - s.max(axis=1, keepdims=True))
+    kv = core.kv_head_of(sh.h_q, sh.h_kv)
+    exact_num = np.stack([x[h] @ v[kv[h]] for h in range(sh.h_q)])
+    exact_den = x.sum(axis=1)
+    exact_out = exact_num / exact_den[:, None]
+    claims = method.claims()
+    a_each = alpha / (2 * sh.h_q * len(claims))
+    ref = verify(method, q, k, v, trials=reference_trials, alpha=0.5, seed=seed, scale=scale)
+    level = {(h, t): max(lvl, clopper_pearson(ref.heads[h].targets[t].failures, reference_trials,
+                                              1 - 2 * a_each)[1])
+             for h in range(sh.h_q) for t, (_, lvl) in claims.items()}
+    fixed, others = method.fixed_sets(q, k)
+    n_sink, n_local = _size(method.sinks, sh.n, "sinks"), _size(method.local, sh.n, "local")
+    positional = np.union1d(np.arange(n_sink), np.arange(sh.n - n_local, sh.n))
+    band = suites.dot_band(q, k, dtype, scale=core.default_scale(sh.d) if scale is None else scale)
+    np_dtype = tolerances.numpy_dtype(dtype)
+    qk = [a.astype(np_dtype) for a in (q, k, v)]
+    fails = {t: np.zeros(sh.h_q, np.int64) for t in claims}
+    name = repr(method)
+    for i, rng in enumerate(np.random.default_rng(seed).spawn(calls)):
+        try:
+            step = suites.as_kernel_step(kernel(method, *qk, positions=None, scale=scale, rng=rng), sh.h_q)
+            if step.weights is None:
+                raise TypeError("a randomized kernel returns (output, indices, weights)")
+            out = np.asarray(step.output, dtype=np.float64)
+            if out.shape != (sh.h_q, sh.d) or not np.isfinite(out).all():
+                raise ValueError(f"output must be finite [H_q={sh.h_q}, d={sh.d}], got shape {out.shape}")
+            for h, (ix, w) in enumerate(zip(step.indices, step.weights)):
+                if ix.size and (ix.dtype.kind not in "iu" or ix.min() < 0 or ix.max() >= sh.n or w.shape != ix.shape):
+                    raise ValueError(f"indices[{h}] must be integers in [0, {sh.n}) with one weight each")
+        except Exception as exc:  # the kernel's crash is a verdict
+            return suites.Verdict(name, label, (suites._contract_failure(exc),))
+        for h in range(sh.h_q):
+            ix, w = step.indices[h].astype(np.int64), step.weights[h]
+            missing = np.setdiff1d(fixed[h], ix)
+            if missing.size:
+                lost = np.intersect1d(missing, positional)
+                cut = s[h, others[h]].max() if others[h].size else -np.inf
+                late = missing[s[h, missing] > cut + 2 * band[h]]
+                bad = lost if lost.size else late
+                if bad.size:
+                    what = "sink/local" if lost.size else "top-k"
+                    return suites.Verdict(name, label, (
+                        suites.PropertyResult("contract", True),
+                        suites.PropertyResult("selection", False, f"call {i}, head {h}: the deterministic set is not "
+                                              f"contained in the kernel's indices: dropped {what} tokens "
+                                              f"{bad[:8].tolist()}")))
+            num, den = (w * x[h, ix]) @ v[kv[h], ix], float(w @ x[h, ix])
+            err = {"numerator": np.linalg.norm(num - exact_num[h]) / np.linalg.norm(exact_num[h]),
+                   "denominator": abs(den - exact_den[h]) / exact_den[h],
+                   "output": np.linalg.norm(out[h] - exact_out[h]) / np.linalg.norm(exact_out[h])}
+            for t, (eps, _) in claims.items():
+                fails[t][h] += not (err[t] <= eps)          # NaN counts as a failure
+    worst, verdict_ok = None, True
+    for h in range(sh.h_q):
+        for t, (eps, lvl) in claims.items():
+            f, p0 = int(fails[t][h]), level[(h, t)]
+            crit = critical_count(calls, p0, a_each)
+            lo, hi = clopper_pearson(f, calls, 0.95)
+            score = (f >= crit, f / calls - p0)
+            if worst is None or score > worst[0]:
+                ref_note = "" if p0 == lvl else f"; the oracle itself fails up to {p0:.4f} here: tested against that"
+                worst = (score, f"head {h} {t}: Pr(relative error > {eps:.4g}) measured {f}/{calls} = {f / calls:.4f}, "
+                                f"95% CI [{lo:.4f}, {hi:.4f}] vs delta {lvl:.4g}{ref_note}; exact binomial test "
+                                f"at false alarm {a_each:.1e} rejects iff failures >= {crit}")
+            verdict_ok &= f < crit
+    return suites.Verdict(name, label, (suites.PropertyResult("contract", True),
+                                        suites.PropertyResult("selection", True, "deterministic set contained"),
+                                        suites.PropertyResult("guarantee", verdict_ok, worst[1])))
