@@ -19,11 +19,16 @@ that sums in another (equally valid) order gets another sample, which can be sev
 error is taken as the larger of the realized error and the first-order scale of accumulation in the
 accumulation precision ``u_acc`` (float32's; float64's for float64), per query head h and channel c:
 
-    u_acc * ( sum_i p_i |v_ic - o_hc| a_hi  +  sum_i p_i |v_ic| ),    a_hi = scale * sum_c' |q_hc' k_ic'|
+    u_acc * ( sum_i p_i |v_ic - o_hc| (sqrt(d) a_hi + 1)  +  sqrt(n) sum_i p_i |v_ic| ),
+    a_hi = scale * sum_c' |q_hc' k_ic'|
 
-(the change of the exact output when every logit moves by one roundoff of its dot product's absolute
-sum, and the weighted sum of values by one relative roundoff). For float16/bfloat16 it is far below
-the realized error, so the rule stays FlashAttention's; it matters for float32 kernels.
+the typical (Higham & Mary's probabilistic, lambda = 1) rounding error of float32 attention: each
+logit is a sum of d products (error ~ sqrt(d) u_acc a_hi), each probability is rounded once, and the
+softmax denominator and the weighted sum of values are sums of n terms (relative error ~ sqrt(n) u_acc).
+For float16/bfloat16 it is far below the realized error, so the rule stays FlashAttention's; it matters
+for float32 kernels. Evidence that the realized error alone is too tight in float32: PyTorch's own eager
+float32 attention of a tiny Llama exceeded 2x the realized naive error (tests/test_traces_capture.py),
+as did a one-split Triton kernel on a 5-token input (tests/test_kernels_triton_methods.py).
 """
 from __future__ import annotations
 
@@ -118,7 +123,8 @@ def first_order_error(q, k, v, dtype: str, ref, *, mask=None, scale: float | Non
     u_acc = dtype_eps("float64" if dtype == "float64" else "float32")
     o = ref.reshape(sh.h_kv, sh.group, 1, sh.d)
     spread = np.abs(v[:, None, :, :] - o)                                   # [H_kv, G, n, d]
-    err = u_acc * (np.einsum("hgn,hgnd->hgd", p * a, spread) + np.einsum("hgn,hnd->hgd", p, np.abs(v)))
+    err = u_acc * (np.einsum("hgn,hgnd->hgd", p * (np.sqrt(sh.d) * a + 1), spread)
+                   + np.sqrt(sh.n) * np.einsum("hgn,hnd->hgd", p, np.abs(v)))
     return float(err.max(initial=0.0))
 
 

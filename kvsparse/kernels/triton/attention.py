@@ -277,3 +277,46 @@ def dense(method, q, k, v, *, positions=None, scale=None):
     out, _ = dense_decode(qt, kt, vt, scale=scale)
     n = kt.shape[1]
     return to_numpy(out), [np.arange(n) for _ in range(qt.shape[0])]
+
+
+# --- helpers shared by the method kernels (selection on the device, masks to index lists) ---------
+
+def topk_core(scores, k: int):
+    """``[R, k]`` indices of the ``k`` largest scores per row under the core tie rule (higher score
+    first, the lower index among equal scores): a stable descending sort, unlike ``torch.topk``."""
+    import torch
+    k = max(0, min(int(k), scores.shape[1]))
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def mask_to_indices(mask):
+    """A ``[R, n]`` bool mask as ``(indices [R, B] int32 ascending, lengths [R])``, ``B`` the largest row."""
+    import torch
+    rows, n = mask.shape
+    lengths = mask.sum(dim=1)
+    width = max(1, int(lengths.max())) if rows else 1
+    # positions of the set entries first (stable: ascending), then the padding
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    return order.to(torch.int32).contiguous(), lengths
+
+
+def indices_to_mask(indices, n: int):
+    """``[R, k]`` indices as a ``[R, n]`` bool mask."""
+    import torch
+    mask = torch.zeros((indices.shape[0], n), dtype=torch.bool, device=indices.device)
+    return mask.scatter_(1, indices.to(torch.int64), True)
+
+
+def attend_mask(q, k, v, mask, *, scale=None):
+    """Attention of each query head over its row of ``mask [H_q or H_kv, n]``: ``(out, lse, rows)``;
+    ``rows`` are the per-row sorted token ids as NumPy (the kernel-step contract's indices)."""
+    idx, lengths = mask_to_indices(mask)
+    out, lse = decode_attention_indices(q, k, v, idx, lengths, scale=scale)
+    idx_np, len_np = idx.cpu().numpy(), lengths.cpu().numpy()
+    return out, lse, [idx_np[r, : len_np[r]].astype(np.int64) for r in range(idx_np.shape[0])]
+
+
+def rows_per_query_head(rows, h_q: int):
+    """Per-KV-head lists repeated for each query head of the group (identity when ``len(rows) == h_q``)."""
+    g = h_q // len(rows)
+    return [rows[h // g] for h in range(h_q)]
