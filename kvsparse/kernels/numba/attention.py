@@ -67,6 +67,23 @@ def _dot(a, b):
     return s
 
 
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _write_group(acc, tot, mx, kvh, out, lse):
+    """The epilogue every decode kernel shares: normalise a KV head's G accumulators into out and lse
+    (an empty selection: out = 0, lse = -inf)."""
+    g, d = acc.shape
+    for gi in range(g):
+        h = kvh * g + gi
+        if tot[gi] > 0:
+            for c in range(d):
+                out[h, c] = acc[gi, c] / tot[gi]
+            lse[h] = mx[gi] + math.log(tot[gi])
+        else:
+            for c in range(d):
+                out[h, c] = 0.0
+            lse[h] = -np.inf
+
+
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _sparse_kernel(q, k, v, idx, lengths, w, has_w, scale, out, lse):
     h_q, d = q.shape
@@ -103,16 +120,7 @@ def _sparse_kernel(q, k, v, idx, lengths, w, has_w, scale, out, lse):
                 tot[gi] += p
                 for c in range(d):
                     acc[gi, c] += p * np.float64(v[kvh, row, c])
-        for gi in range(g):
-            h = kvh * g + gi
-            if tot[gi] > 0:
-                for c in range(d):
-                    out[h, c] = acc[gi, c] / tot[gi]
-                lse[h] = mx[gi] + math.log(tot[gi])
-            else:
-                for c in range(d):
-                    out[h, c] = 0.0
-                lse[h] = -np.inf
+        _write_group(acc, tot, mx, kvh, out, lse)
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -137,16 +145,7 @@ def _dense_kernel(q, k, v, scale, out, lse):
                 tot[gi] += p
                 for c in range(d):
                     acc[gi, c] += p * np.float64(v[kvh, i, c])
-        for gi in range(g):
-            h = kvh * g + gi
-            if tot[gi] > 0:
-                for c in range(d):
-                    out[h, c] = acc[gi, c] / tot[gi]
-                lse[h] = mx[gi] + math.log(tot[gi])
-            else:
-                for c in range(d):
-                    out[h, c] = 0.0
-                lse[h] = -np.inf
+        _write_group(acc, tot, mx, kvh, out, lse)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ...oracle import core
 from ...registry import register_kernel
-from .attention import FASTMATH, _dot, _scale, check_float_arrays, dense_attention
+from .attention import FASTMATH, _dot, _scale, _write_group, check_float_arrays, dense_attention
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -49,11 +49,7 @@ def _masked_kernel(q, k, v, keep, scale, out, lse):
                     tot[gi] += p
                     for c in range(d):
                         acc[gi, c] += p * np.float64(v[kvh, i, c])
-        for gi in range(g):
-            if keep[kvh * g + gi]:
-                for c in range(d):
-                    out[kvh * g + gi, c] = acc[gi, c] / tot[gi]
-                lse[kvh * g + gi] = mx[gi] + math.log(tot[gi])
+        _write_group(acc, tot, mx, kvh, out, lse)     # skipped heads have tot = 0: out 0, lse -inf
 
 
 def head_masked_attention(q, k, v, keep, *, scale=None):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ...oracle.kv_quant import KVQuant, Quantized, pack_codes
 from ...registry import register_kernel
-from .attention import FASTMATH, _scale, check_float_arrays, union_with_weights
+from .attention import FASTMATH, _scale, _write_group, check_float_arrays, union_with_weights
 
 
 @numba.njit(cache=True)
@@ -74,16 +74,7 @@ def _quant_kernel(q, kc, ks, kz, ktb, kcb, kbits, kfull, vc, vs, vz, vtb, vcb, v
                 tot[gi] += p
                 for c in range(d):
                     acc[gi, c] += p * row[c]
-        for gi in range(g):
-            h = kvh * g + gi
-            if tot[gi] > 0:
-                for c in range(d):
-                    out[h, c] = acc[gi, c] / tot[gi]
-                lse[h] = mx[gi] + math.log(tot[gi])
-            else:
-                for c in range(d):
-                    out[h, c] = 0.0
-                lse[h] = -np.inf
+        _write_group(acc, tot, mx, kvh, out, lse)
 
 
 def stored_parts(quantized: Quantized, full: np.ndarray, dtype) -> tuple:
