@@ -71,6 +71,8 @@ def register_suite(method: str):
     return deco
 
 
+# the pytest plugin needs pytest (an optional extra) and registers nothing
+_NOT_REGISTERING = {"kvsparse.property_tests.plugin"}
 _PACKAGES = ("kvsparse.oracle", "kvsparse.kernels.numba", "kvsparse.kernels.triton",
              "kvsparse.sim.costs", "kvsparse.property_tests")
 
@@ -83,7 +85,7 @@ def load_all() -> None:
     for pkg_name in _PACKAGES:
         pkg = importlib.import_module(pkg_name)
         for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
+            if not info.name.startswith("_") and f"{pkg_name}.{info.name}" not in _NOT_REGISTERING:
                 importlib.import_module(f"{pkg_name}.{info.name}")
     _LOADED = True
 
