@@ -36,11 +36,13 @@ FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 # input validation
 # --------------------------------------------------------------------------------------------
 
-def as_float64(x, name: str, *, ndim: int | None = None, allow_nonfinite: bool = False) -> np.ndarray:
+def as_float64(x, name: str, *, ndim: int | None = None, allow_nonfinite: bool = False,
+               cast: bool = True) -> np.ndarray:
     """Return ``x`` as a float64 NumPy array, or raise naming ``name``.
 
     Accepts NumPy arrays of float16 / bfloat16 (ml_dtypes) / float32 / float64 and torch tensors of
-    those dtypes (converted at the boundary). Integer, boolean, complex and object inputs are a
+    those dtypes (converted at the boundary). ``cast=False`` validates a NumPy array and returns it in
+    its own dtype (for code that converts to float64 piece by piece). Integer, boolean, complex and object inputs are a
     ``TypeError``; a wrong number of dimensions or a NaN/inf value is a ``ValueError``.
     """
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor, converted at the boundary
@@ -59,7 +61,7 @@ def as_float64(x, name: str, *, ndim: int | None = None, allow_nonfinite: bool =
         raise TypeError(f"{name} must be a floating-point array ({', '.join(FLOAT_DTYPE_NAMES)}), got dtype {x.dtype}")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    out = np.asarray(x, dtype=np.float64)
+    out = np.asarray(x, dtype=np.float64) if cast else x     # cast=False: validate only (no float64 copy)
     if not allow_nonfinite and not np.isfinite(out).all():
         bad = np.argwhere(~np.isfinite(out))[0]
         raise ValueError(f"{name} contains a non-finite value (NaN or inf) at index {tuple(int(i) for i in bad)}")
@@ -88,14 +90,15 @@ class DecodeShapes:
         return self.h_q // self.h_kv
 
 
-def check_decode_inputs(q, k, v, *, scale: float | None = None):
+def check_decode_inputs(q, k, v, *, scale: float | None = None, cast: bool = True):
     """Validate one decode step's ``q [H_q, d]``, ``k [H_kv, n, d]``, ``v [H_kv, n, d]``.
 
-    Returns ``(q, k, v, shapes)`` with float64 arrays. ``n = 0`` is allowed (an empty cache).
+    Returns ``(q, k, v, shapes)`` with float64 arrays (``cast=False``: in their own dtypes, validated).
+    ``n = 0`` is allowed (an empty cache).
     """
-    q = as_float64(q, "q", ndim=2)
-    k = as_float64(k, "k", ndim=3)
-    v = as_float64(v, "v", ndim=3)
+    q = as_float64(q, "q", ndim=2, cast=cast)
+    k = as_float64(k, "k", ndim=3, cast=cast)
+    v = as_float64(v, "v", ndim=3, cast=cast)
     h_q, d = q.shape
     h_kv, n, dk = k.shape
     if h_q == 0 or d == 0:
@@ -221,11 +224,22 @@ def attend_dense(q, k, v, *, scale: float | None = None) -> np.ndarray:
 
 
 def attend_dense_partial(q, k, v, *, scale: float | None = None) -> Partial:
-    q, k, v, sh = check_decode_inputs(q, k, v, scale=scale)
-    s = logits(q, k, scale)
-    lse = log_sum_exp(s, axis=-1)
-    p = softmax(s, axis=-1)
-    out = np.einsum("hgn,hnd->hgd", p.reshape(sh.h_kv, sh.group, sh.n), v).reshape(sh.h_q, sh.d)
+    # one KV head at a time: low-precision caches are converted to float64 one head at a time, so the
+    # working memory is 1/H_kv of a float64 copy of the cache
+    q, k, v, sh = check_decode_inputs(q, k, v, scale=scale, cast=False)
+    q = np.asarray(q, dtype=np.float64)
+    g = sh.group
+    out = np.empty((sh.h_q, sh.d))
+    lse = np.empty(sh.h_q)
+    convert = k.dtype != np.float64
+    kbuf = np.empty((1, sh.n, sh.d)) if convert else None
+    vbuf = np.empty((sh.n, sh.d)) if convert else None
+    for j in range(sh.h_kv):
+        kj = np.copyto(kbuf[0], k[j]) or kbuf if convert else k[j:j + 1]
+        vj = np.copyto(vbuf, v[j]) or vbuf if convert else v[j]
+        s = logits(q[j * g:(j + 1) * g], kj, scale if scale is not None else default_scale(sh.d))
+        lse[j * g:(j + 1) * g] = log_sum_exp(s, axis=-1)
+        out[j * g:(j + 1) * g] = np.einsum("gn,nd->gd", softmax(s, axis=-1), vj)   # einsum: no BLAS threads
     return Partial(out, lse)
 
 
