@@ -8,7 +8,8 @@ What it measures (issue 9 floors), per context length n:
   * quest_step     page scores + top-k + attention at page 16, token budget B (metadata kept across
                    steps, as in decoding), and its speed-up over sdpa_flash vs the ideal n / B
 Results are written as JSON lines (one record per kernel and shape) in the format the simulator
-reads for calibration (`kvsparse.sim` -> calibration records), with the GPU named.
+reads for calibration (`kvsparse.sim.hardware.calibrated`), with the GPU named and the simulator's
+prediction for the same shape beside each measurement (`sim_seconds`, `sim_error`).
 
   python benchmarks/gpu_decode.py                       # on a GPU machine
   python benchmarks/gpu_decode.py --dry-run             # anywhere: checks arguments, prints the plan
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peak-gbps", type=float, default=None,
                     help="HBM peak in GB/s (default: the simulator catalog's figure for the detected GPU)")
     ap.add_argument("--out", default=None, help="JSON-lines output (default benchmarks/results/gpu_decode_<gpu>.jsonl)")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (with the simulator's prediction) and exit")
+    ap.add_argument("--sim-gpu", default=None,
+                    help="simulator catalog key for the predictions (default: the detected GPU; h100-sxm in --dry-run)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device (interpreter on CPU)")
     return ap
 
@@ -79,6 +82,21 @@ def bytes_needed(kernel: str, n: int, budget: int, args) -> int:
     return meta + 2 * args.h_kv * budget * row
 
 
+SIM_METHOD = {"sdpa_flash": "dense", "triton_dense": "dense", "triton_sparse": "sliding_window", "quest_step": "quest"}
+
+
+def sim_seconds(kernel: str, n: int, budget: int, args, gpu_key: str) -> float:
+    """The simulator's prediction for one layer's attention kernels of this shape (Llama-3-8B has the
+    benchmark's H_q=32, H_kv=8, d=128): the step's attention time divided by its 32 layers. An
+    index-set sparse attention over B tokens is priced as a B-token window (same rows read)."""
+    from kvsparse.sim import latency
+    method = SIM_METHOD[kernel]
+    params = {"page_size": args.page_size} if method == "quest" else None
+    t = latency.simulate("llama-3-8b", gpu_key, method, budget if method != "dense" else 0, n,
+                         dense_layers=0, params=params)
+    return float(t.attention_seconds.ravel()[0]) / 32
+
+
 def timer(torch, fn, cuda: bool) -> float:
     """Median seconds per call."""
     if cuda:
@@ -99,8 +117,11 @@ def main(argv=None) -> int:
         args.contexts, args.budgets, args.h_q, args.h_kv, args.head_dim = [96], [32], 4, 2, 16
     rows = plan(args)
     if args.dry_run:
+        key = args.sim_gpu or "h100-sxm"
         for r in rows:
-            print(f"{r['kernel']:14s} n={r['n']:>7d} budget={r['budget']:>7d} bytes={bytes_needed(r['kernel'], r['n'], r['budget'], args)}")
+            pred = sim_seconds(r["kernel"], r["n"], r["budget"], args, key)
+            print(f"{r['kernel']:14s} n={r['n']:>7d} budget={r['budget']:>7d} "
+                  f"bytes={bytes_needed(r['kernel'], r['n'], r['budget'], args)} sim_{key}_us={pred * 1e6:.1f}")
         return 0
     import torch
     cuda = torch.cuda.is_available()
@@ -116,12 +137,15 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name() if cuda else f"cpu-interpreter ({platform.processor() or 'cpu'})"
     peak = args.peak_gbps
-    if peak is None and cuda:
+    sim_key = args.sim_gpu
+    if cuda:
+        from kvsparse.sim import hardware
         try:
-            from kvsparse.sim import hardware
-            peak = hardware.peak_hbm_gbps_for_device_name(gpu)
-        except Exception:  # the catalog may not know this GPU: report without a fraction of peak
-            peak = None
+            found = hardware.for_device_name(gpu)
+            peak = peak or found.hbm_gbps
+            sim_key = sim_key or found.key
+        except ValueError:  # the catalog does not know this GPU: no fraction of peak, no prediction
+            pass
     records = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for n in sorted({r["n"] for r in rows}):
@@ -156,7 +180,11 @@ def main(argv=None) -> int:
             rec = {"gpu": gpu, "kernel": kernel, "h_q": args.h_q, "h_kv": args.h_kv, "d": args.head_dim,
                    "n": n, "budget": b, "dtype": args.dtype, "bytes": need, "seconds": seconds,
                    "achieved_gbps": need / seconds / 1e9, "peak_gbps": peak,
-                   "fraction_of_peak": (need / seconds / 1e9 / peak) if peak else None}
+                   "fraction_of_peak": (need / seconds / 1e9 / peak) if peak else None,
+                   "sim_gpu": sim_key,
+                   "sim_seconds": sim_seconds(kernel, n, b, args, sim_key) if sim_key else None}
+            if rec["sim_seconds"]:
+                rec["sim_error"] = rec["sim_seconds"] / seconds - 1
             records.append(rec)
             print(json.dumps(rec))
     for n in sorted({r["n"] for r in rows}):

@@ -14,8 +14,10 @@ def test_dry_run_prints_the_plan_with_bytes():
                          capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["sdpa_flash", "triton_dense", "triton_sparse", "quest_step"]
-    # dense fp16 K+V of 8 KV heads x 32768 tokens x 128 dims
-    assert "bytes=134217728" in lines[0]
+    # dense fp16 K+V of 8 KV heads x 32768 tokens x 128 dims, with the simulator's prediction beside it
+    assert "bytes=134217728" in lines[0] and "sim_h100-sxm_us=" in lines[0]
+    sim_us = {line.split()[0]: float(line.split("sim_h100-sxm_us=")[1]) for line in lines}
+    assert sim_us["triton_sparse"] < sim_us["quest_step"] and sim_us["triton_sparse"] < sim_us["sdpa_flash"]
 
 
 def test_bad_arguments_exit_2():
