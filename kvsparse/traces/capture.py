@@ -12,8 +12,14 @@ Works for a local HF model directory or a GGUF file (transformers dequantizes it
 ``smollm2_gguf()`` finds it without importing that package (its ``__init__`` imports ``llm``).
 
 Determinism: the forward runs with a fixed number of torch threads (``threads``, default 1), since
-the reduction order of CPU matmuls may depend on it; with the same torch/transformers versions on
-the same kind of CPU the same call gives the same bytes (``regenerate`` relies on this).
+the reduction order of CPU matmuls may depend on it. That alone is not enough across CPUs: a float32
+forward gives different last bits with AVX2 and AVX-512 kernels (seen: 0.7% of the float16 values of
+the shipped trace moved by one ulp between an AMD EPYC and an Intel Xeon). So ``compute="float64"``
+runs every operation of the forward in float64 (``float64_forward``: the model's float32 parameters
+are exact in float64; RMSNorm and the RoPE tables, which transformers pins to float32, are computed
+in float64 too) and rounds once to the trace's dtype. CPU-dependent differences are then ~1e-16
+relative, and a float16 value changes only if it lies that close to a rounding boundary (expected
+count over the shipped 3.5M values: ~1e-5). ``regenerate`` uses it.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The shipped traces, and how to make them again (``regenerate``). Two layers of 2,048 tokens in
 # float16 are 7.9 MB: Q [2048, 9, 64] is 2.36 MB, K and V 0.79 MB each, per layer.
 SHIPPED = {
-    "smollm2-135m_gpl3_2048.safetensors": dict(n_tokens=2048, layers=(3, 27), dtype="float16", threads=1),
+    "smollm2-135m_gpl3_2048.safetensors": dict(n_tokens=2048, layers=(3, 27), dtype="float16", threads=1,
+                                               compute="float64"),
 }
 _RECORDER_NAME = "kvsparse_record"
 
@@ -105,7 +112,7 @@ def model_config(model, scale: float) -> dict:
 
 @dataclass
 class Capture:
-    """What one forward recorded, in float32 (the model's precision)."""
+    """What one forward recorded: float32 arrays (float64 under ``float64_forward``)."""
 
     layers: dict[int, fmt.LayerQKV]
     positions: np.ndarray
@@ -128,6 +135,59 @@ def _torch_threads(n: int):
 
 class _Stop(Exception):
     pass
+
+
+def _to_numpy(x) -> np.ndarray:
+    """A copy of a tensor as float64 if it is float64, else float32 (the model's precision or wider)."""
+    import torch
+    x = x.detach()
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).numpy().copy()
+
+
+def _rms_norm_float64(self, hidden_states):
+    # transformers' LlamaRMSNorm computes in float32 whatever the model dtype; this is the same formula
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * (variance + self.variance_epsilon).rsqrt())
+
+
+def _rope_float64(self, x, position_ids):
+    # transformers pins the cos/sin tables to float32; the inverse frequencies are the model's own
+    # (float32 values, exact in float64), the angles and their cos/sin are float64
+    import torch
+    freqs = position_ids[:, :, None].to(torch.float64) * self.inv_freq.to(torch.float64)[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+@contextlib.contextmanager
+def float64_forward(model):
+    """Run ``model``'s forward with every operation in float64 (see the module doc); restored after.
+
+    Supports Llama-style decoders (RMSNorm with ``variance_epsilon``, default RoPE); anything else is
+    refused rather than silently left in float32.
+    """
+    import torch
+    rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"float64 capture supports the default RoPE only, the model uses {rope_type!r}")
+    patched = []
+    for mod in model.modules():
+        kind = type(mod).__name__
+        if kind.endswith("RMSNorm"):
+            if not hasattr(mod, "variance_epsilon"):
+                raise ValueError(f"float64 capture does not know the norm {kind} (no variance_epsilon)")
+            patched.append(mod)
+            mod.forward = _rms_norm_float64.__get__(mod)
+        elif kind.endswith("RotaryEmbedding"):
+            patched.append(mod)
+            mod.forward = _rope_float64.__get__(mod)
+    model.to(torch.float64)
+    try:
+        yield model
+    finally:
+        model.to(torch.float32)          # float32 -> float64 -> float32 is exact
+        for mod in patched:
+            del mod.forward
 
 
 def capture_model(model, input_ids, layers: Sequence[int] | None = None, *, pre_rope_k: bool = False,
@@ -165,9 +225,9 @@ def capture_model(model, input_ids, layers: Sequence[int] | None = None, *, pre_
         result = inner(module, query, key, value, attention_mask, **kwargs)
         if li in wanted:
             scales.add(float(kwargs.get("scaling") or module.scaling))
-            rec[li] = [x[0].detach().transpose(0, 1).float().numpy().copy() for x in (query, key, value)]
+            rec[li] = [_to_numpy(x[0].transpose(0, 1)) for x in (query, key, value)]
             if keep_outputs:
-                outs[li] = result[0][0].detach().float().numpy().copy()
+                outs[li] = _to_numpy(result[0][0])
         return result
 
     attn_layers = model.model.layers
@@ -175,12 +235,12 @@ def capture_model(model, input_ids, layers: Sequence[int] | None = None, *, pre_
     if pre_rope_k:
         for li in wanted:
             def k_hook(mod, args, out, li=li):
-                pre_k[li] = out[0].detach().float().numpy().reshape(T, -1, model_config(model, 1.0)["head_dim"]).copy()
+                pre_k[li] = _to_numpy(out[0]).reshape(T, -1, model_config(model, 1.0)["head_dim"])
             hooks.append(attn_layers[li].self_attn.k_proj.register_forward_hook(k_hook))
     for li in wanted:
         def mod_hook(mod, args, out, li=li):
             if keep_outputs:
-                mods[li] = out[0][0].detach().float().numpy().copy()
+                mods[li] = _to_numpy(out[0][0])
             if li == wanted[-1]:
                 raise _Stop
         hooks.append(attn_layers[li].self_attn.register_forward_hook(mod_hook))
@@ -236,28 +296,33 @@ def to_trace(cap: Capture, *, model_info: dict, prompt: dict, dtype: str = "floa
 
 
 def capture(model: str | os.PathLike, prompt_file, n_tokens: int, layers: Sequence[int] | None = None, *,
-            dtype: str = "float16", pre_rope_k: bool = False, threads: int = 1,
+            dtype: str = "float16", pre_rope_k: bool = False, threads: int = 1, compute: str = "float32",
             prompt_source: str | None = None, prompt_licence: str | None = None, loaded=None) -> fmt.AttentionTrace:
     """Capture a trace of ``model`` (HF directory or ``.gguf``) over the first ``n_tokens`` of ``prompt_file``.
 
-    ``loaded`` may pass an already loaded ``(model, tokenizer)`` of the same ``model`` path.
+    ``compute``: ``"float32"`` (the model as transformers runs it) or ``"float64"`` (every operation in
+    float64, ``float64_forward``: bytes independent of the CPU). ``loaded`` may pass an already loaded
+    ``(model, tokenizer)`` of the same ``model`` path.
     """
+    if compute not in ("float32", "float64"):
+        raise ValueError(f"compute must be 'float32' or 'float64', got {compute!r}")
     import torch
     import transformers
     path = Path(model)
     net, tok = loaded if loaded is not None else load_model(path)
     ids = tokenize_prompt(tok, prompt_file, n_tokens)
-    cap = capture_model(net, ids, layers, pre_rope_k=pre_rope_k, threads=threads)
+    with (float64_forward(net) if compute == "float64" else contextlib.nullcontext()):
+        cap = capture_model(net, ids, layers, pre_rope_k=pre_rope_k, threads=threads)
     same_prompt = Path(prompt_file).resolve() == PROMPT_FILE
     # no absolute paths in the metadata: the bytes must not depend on where things are installed
     model_info = {"name": str(getattr(net.config, "_model_name_or_path", "") or path.name), "file": path.name,
-                  "sha256": _sha256(path) if path.is_file() else None, "dtype_in_capture": "float32"}
+                  "sha256": _sha256(path) if path.is_file() else None, "dtype_in_capture": compute}
     prompt = {"file": Path(prompt_file).name, "sha256": _sha256(prompt_file),
               "source": prompt_source or (PROMPT_SOURCE if same_prompt else "unspecified"),
               "licence": prompt_licence or (PROMPT_LICENCE if same_prompt else "unspecified"),
               "tokenizer": "the model's own (transformers AutoTokenizer), special tokens included"}
     cmd = ["kvsparse", "traces", "capture", path.name, "--prompt", Path(prompt_file).name, "--tokens", str(n_tokens),
-           "--layers", ",".join(str(i) for i in sorted(cap.layers)), "--dtype", dtype, "--threads", str(threads)]
+           "--layers", ",".join(str(i) for i in sorted(cap.layers)), "--dtype", dtype, "--threads", str(threads), "--compute", compute]
     if pre_rope_k:
         cmd.append("--pre-rope-k")
     made = {"by": "kvsparse.traces.capture", "command": shlex.join(cmd),
@@ -275,7 +340,7 @@ def regenerate(out_dir, *, loaded=None) -> list[Path]:
     written = []
     for name, spec in SHIPPED.items():
         trace = capture(gguf, PROMPT_FILE, spec["n_tokens"], spec["layers"], dtype=spec["dtype"],
-                        threads=spec["threads"], loaded=loaded)
+                        threads=spec["threads"], compute=spec["compute"], loaded=loaded)
         trace.save(out_dir / name)
         written.append(out_dir / name)
     return written

@@ -46,7 +46,7 @@ def cmd_capture(args) -> int:
     model = smollm2_gguf() if args.model == "smollm2" else Path(args.model)
     t0 = time.perf_counter()
     trace = capture(model, args.prompt or PROMPT_FILE, args.tokens, _layers_arg(args.layers), dtype=args.dtype,
-                    pre_rope_k=args.pre_rope_k, threads=args.threads,
+                    pre_rope_k=args.pre_rope_k, threads=args.threads, compute=args.compute,
                     prompt_source=args.prompt_source, prompt_licence=args.prompt_licence)
     trace.save(args.out)
     print(f"{trace} -> {args.out} in {time.perf_counter() - t0:.1f} s")
@@ -104,6 +104,8 @@ def register(subparsers) -> None:
     c.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     c.add_argument("--pre-rope-k", action="store_true", help="also store keys before RoPE")
     c.add_argument("--threads", type=int, default=1, help="torch threads (fixed, for reproducible bytes)")
+    c.add_argument("--compute", choices=("float32", "float64"), default="float32",
+                   help="float64: every operation of the forward in float64 (bytes independent of the CPU)")
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_capture)
 
