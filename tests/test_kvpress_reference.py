@@ -10,6 +10,8 @@ KV head. kvpress scores in float32 and our oracle in float64: the test inputs ar
 ties except StreamingLLM's 0/1 scores, where both follow the same rule), and a difference is
 reported with the boundary scores.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,33 @@ from kvsparse.oracle.snapkv import SnapKV  # noqa: E402
 from kvsparse.oracle.streaming_llm import StreamingLLM  # noqa: E402
 
 T, LAYERS, RATIO, WINDOW, KERNEL = 48, 3, 0.5, 8, 3
+# a prompt where kvpress's float budget is not the exact one: int(90 * (1 - 0.3)) = int(62.999...) = 62,
+# floor(90 * 7/10) = 63 (research notes, pitfall 6)
+FLOAT_T, FLOAT_RATIO, FLOAT_KEPT, EXACT_KEPT = 90, 0.3, 62, 63
+KINDS = ("streaming_llm", "snapkv", "pyramidkv", "observed_attention")
+
+
+def press_for(kind, ratio):
+    """kvpress's press, sized as ``ours_for``."""
+    if kind == "streaming_llm":
+        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=StreamingLLM.presets()["kvpress"].sinks)
+    if kind == "snapkv":
+        return kvpress.SnapKVPress(compression_ratio=ratio, window_size=WINDOW, kernel_size=KERNEL)
+    if kind == "pyramidkv":
+        return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=WINDOW, kernel_size=KERNEL)
+    return kvpress.ObservedAttentionPress(compression_ratio=ratio)
+
+
+def ours_for(kind, ratio, layer):
+    """Our kvpress preset of ``kind`` (from ``presets()``), only its sizes changed (``dataclasses.replace``)."""
+    if kind == "streaming_llm":
+        return replace(StreamingLLM.presets()["kvpress"], compression_ratio=ratio)
+    if kind == "snapkv":
+        return replace(SnapKV.presets()["kvpress"], window=WINDOW, kernel=KERNEL, compression_ratio=ratio)
+    if kind == "pyramidkv":
+        return replace(PyramidKV.presets()["kvpress"], window=WINDOW, kernel=KERNEL, compression_ratio=ratio,
+                       layer=layer, num_layers=LAYERS)
+    return replace(H2O.presets()["kvpress-observed-attention"], compression_ratio=ratio)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +64,8 @@ def model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def kept_by_kvpress(model, press, seed=0):
-    """Per layer: (q [T, H_q, d], k [T, H_kv, d], v, kept [H_kv, T] bool) after prefilling under ``press``."""
+def kept_by_kvpress(model, press, seed=0, t=T):
+    """Per layer: (q [t, H_q, d], k [t, H_kv, d], v, kept [H_kv, t] bool) after prefilling under ``press``."""
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     captured = {}
@@ -51,7 +80,7 @@ def kept_by_kvpress(model, press, seed=0):
         captured[layer] = (q[0].transpose(0, 1).double().numpy(), cache.keys[0].transpose(0, 1).double().numpy(),
                            cache.values[0].transpose(0, 1).double().numpy())
     hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
-    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, 128, (1, t), generator=torch.Generator().manual_seed(seed))
     try:
         with torch.no_grad(), press(model):
             cache = DynamicCache()
@@ -63,7 +92,7 @@ def kept_by_kvpress(model, press, seed=0):
     for layer in range(LAYERS):
         q, k, v = captured[layer]
         kept_keys = cache.layers[layer].keys[0].double().numpy()                 # [H_kv, n_kept, d]
-        kept = np.zeros((k.shape[1], T), dtype=bool)
+        kept = np.zeros((k.shape[1], t), dtype=bool)
         for j in range(k.shape[1]):
             for row in kept_keys[j]:
                 match = np.flatnonzero((k[:, j] == row).all(axis=1))
@@ -79,37 +108,26 @@ def assert_same_kept(ours, theirs, label):
                                       f"only kvpress {np.flatnonzero(b & ~a).tolist()}")
 
 
-def test_streaming_llm_preset(model):
-    press = kvpress.StreamingLLMPress(compression_ratio=RATIO, n_sink=4)
-    ours = StreamingLLM(sinks=4, schedule="prefill_once", compression_ratio=RATIO, ratio_rounding="float")
-    for layer, (q, k, v, kept) in enumerate(kept_by_kvpress(model, press)):
-        assert_same_kept(ours.prefill(q, k, v).kept, kept, f"StreamingLLM layer {layer}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_presets_keep_what_kvpress_keeps(model, kind):
+    for layer, (q, k, v, kept) in enumerate(kept_by_kvpress(model, press_for(kind, RATIO), seed=KINDS.index(kind))):
+        state = ours_for(kind, RATIO, layer).prefill(q, k, v)
+        assert state.kept.sum(axis=1).tolist() == kept.sum(axis=1).tolist(), (kind, layer)
+        assert_same_kept(state.kept, kept, f"{kind} layer {layer}")
 
 
-def test_snapkv_preset(model):
-    press = kvpress.SnapKVPress(compression_ratio=RATIO, window_size=WINDOW, kernel_size=KERNEL)
-    ours = SnapKV.presets()["kvpress"]
-    ours = type(ours)(**{**ours.__dict__, "window": WINDOW, "kernel": KERNEL, "compression_ratio": RATIO})
-    for layer, (q, k, v, kept) in enumerate(kept_by_kvpress(model, press, seed=1)):
-        assert_same_kept(ours.prefill(q, k, v).kept, kept, f"SnapKV layer {layer}")
-
-
-def test_pyramidkv_preset(model):
-    press = kvpress.PyramidKVPress(compression_ratio=RATIO, window_size=WINDOW, kernel_size=KERNEL)
-    for layer, (q, k, v, kept) in enumerate(kept_by_kvpress(model, press, seed=2)):
-        ours = PyramidKV(window=WINDOW, kernel=KERNEL, pool="avg", window_score="mean", gqa="mean",
-                         compression_ratio=RATIO, ratio_rounding="float", arithmetic="float",
-                         layer=layer, num_layers=LAYERS)
-        state = ours.prefill(q, k, v)
-        assert state.kept.sum(axis=1).tolist() == kept.sum(axis=1).tolist()
-        assert_same_kept(state.kept, kept, f"PyramidKV layer {layer}")
-
-
-def test_observed_attention_preset(model):
-    press = kvpress.ObservedAttentionPress(compression_ratio=RATIO)
-    ours = H2O.presets()["kvpress-observed-attention"]
-    for layer, (q, k, v, kept) in enumerate(kept_by_kvpress(model, press, seed=3)):
-        assert_same_kept(ours.prefill(q, k, v).kept, kept, f"ObservedAttention layer {layer}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_float_budget_where_it_differs_from_the_exact_one(model, kind):
+    """T=90, ratio 0.3: kvpress keeps int(62.999...) = 62 tokens (PyramidKV: its own float schedule);
+    our presets keep the same positions, and their exact-rounding variant would keep 63."""
+    for layer, (q, k, v, kept) in enumerate(kept_by_kvpress(model, press_for(kind, FLOAT_RATIO), seed=7,
+                                                            t=FLOAT_T)):
+        ours = ours_for(kind, FLOAT_RATIO, layer)
+        assert_same_kept(ours.prefill(q, k, v).kept, kept, f"{kind} layer {layer}, T={FLOAT_T}")
+        if kind != "pyramidkv":            # the float schedule rounds to nearest: 82, 63, 44 either way
+            assert (kept.sum(axis=1) == FLOAT_KEPT).all()
+            exact = replace(ours, ratio_rounding="exact").prefill(q, k, v).kept
+            assert (exact.sum(axis=1) == EXACT_KEPT).all()
 
 
 def test_pyramid_float_budget_matches_kvpress():

@@ -10,13 +10,14 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from kvsparse import registry
-from kvsparse.oracle import Layout, run_decode
+from kvsparse.oracle import Layout, core, run_decode
 from kvsparse.oracle.corm import CORM
 from kvsparse.oracle.dense import Dense
 from kvsparse.oracle.h2o import H2O
 from kvsparse.oracle.pyramidkv import PyramidKV, pyramid_budget
-from kvsparse.oracle.sliding_window import SlidingWindow
+from kvsparse.oracle.sliding_window import SlidingWindow, selection_of
 from kvsparse.oracle.snapkv import SnapKV
+from kvsparse.oracle.streaming_llm import StreamingLLM
 from kvsparse.property_tests.sequences import (decode_sequences, edge_lengths, make_decode_sequence, size_edges,
                                                sizes)
 
@@ -131,13 +132,16 @@ def test_planted_bug_in_score_accumulation_is_caught():
 
 
 def check_h2o_eviction(method, seq, heavy, recent):
-    """Cache-size closed form, recent window present, and every eviction a valid top-k (tie rule)."""
+    """Cache-size closed form, recent window present, and every eviction a valid top-k (tie rule).
+    With ``recent = 0`` (documented in h2o.py): the current token is attended iff ``n <= heavy``."""
     for before, res, after in h2o_replay(method, seq)[1:]:
         n = after.n
         sizes_ = res.selection.sizes
         assert (sizes_ == min(n, heavy + recent)).all(), (n, sizes_)
         for ix in res.selection.indices:
             assert set(range(max(0, n - recent), n)) <= set(ix)
+            if recent == 0:
+                assert ((n - 1) in ix) == (n <= heavy), (n, heavy, list(ix))
         # the tokens evicted at this step lost to the kept non-recent ones: score, then lower index
         scores = before.scores
         for u in range(after.kept.shape[0]):
@@ -148,10 +152,51 @@ def check_h2o_eviction(method, seq, heavy, recent):
                     assert (scores[u, k], -k) >= (scores[u, e], -e), (u, k, e)
 
 
-@given(seq=decode_sequences(max_length=28, edge_capacity=8, edge_window=3), heavy=sizes(6),
-       recent=sizes(6).filter(lambda r: r >= 1))
-def test_h2o_cache_size_recent_window_and_valid_topk(seq, heavy, recent):
+H2O_EDGES = ("C-1", "C", "C+1", "r", "r+1", "any")
+
+
+@st.composite
+def h2o_cases(draw, edge="any", max_size=6, max_length=24):
+    """``(seq, heavy, recent)``: sizes reach 0 (``hh = 0`` or ``r = 0``; not both) and the prefill length
+    ``T`` sits at ``edge`` relative to ``C = hh + r`` (``"C-1"``, ``"C"``, ``"C+1"``, ``"r"``,
+    ``"r+1"``; ``T >= 1``, so ``T = 0`` becomes 1) or, for ``"any"``, anywhere in ``1 .. max_length``;
+    then 2 to 10 decode steps."""
+    heavy, recent = draw(sizes(max_size)), draw(sizes(max_size))
+    if heavy + recent == 0:
+        heavy = 1
+    c = heavy + recent
+    at = {"C-1": c - 1, "C": c, "C+1": c + 1, "r": recent, "r+1": recent + 1}
+    prefill = draw(st.integers(1, max_length)) if edge == "any" else max(1, at[edge])
+    seq = draw(decode_sequences(prefill_len=prefill, length=prefill + draw(st.integers(2, 10))))
+    return seq, heavy, recent
+
+
+@pytest.mark.parametrize("edge", H2O_EDGES)      # each edge is reached in every profile, not by luck
+@given(data=st.data())
+def test_h2o_cache_size_recent_window_and_valid_topk(edge, data):
+    seq, heavy, recent = data.draw(h2o_cases(edge), label="case")
     check_h2o_eviction(H2O(heavy=heavy, recent=recent), seq, heavy, recent)
+
+
+def test_planted_bug_attending_the_current_token_at_recent_zero_is_caught():
+    """A variant that protects the current token when ``recent = 0`` (one heavy slot less, so the cache
+    size is still right and every eviction is still a valid top-k) breaks only the ``r = 0`` rule."""
+    import kvsparse.oracle.h2o as h2o_module
+    original = h2o_module.evict
+
+    def evict_protecting_current(kept, scores, n, heavy, recent, protect_leaving=False):
+        if recent == 0 and heavy > 1:
+            return original(kept, scores, n, heavy - 1, 1, protect_leaving)
+        return original(kept, scores, n, heavy, recent, protect_leaving)
+    seq = make_decode_sequence(14, 2, 1, 4, prefill_len=6, seed=5)
+    check_h2o_eviction(H2O(heavy=3, recent=0), seq, 3, 0)
+    h2o_module.evict = evict_protecting_current
+    try:
+        with pytest.raises(AssertionError) as caught:
+            check_h2o_eviction(H2O(heavy=3, recent=0), seq, 3, 0)
+        assert "== (7 <= 3)" in str(caught.value)               # the r = 0 rule, at the first full step
+    finally:
+        h2o_module.evict = original
 
 
 def test_planted_bug_evicting_the_largest_score_is_caught():
@@ -228,16 +273,90 @@ def naive_snapkv_keep(seq, window, n_total, kernel, pool):
 @given(seq=decode_sequences(min_length=8, max_length=30, edge_capacity=9, edge_window=3),
        kernel=st.sampled_from([1, 3, 5]), pool=st.sampled_from(["max", "avg"]))
 def test_snapkv_selection_matches_the_definition(seq, kernel, pool):
+    """Every step: the prompt tokens chosen at prefill + every decoded token so far."""
     window, capacity = 3, 9
-    step = run(SnapKV(window=window, capacity=capacity, kernel=kernel, pool=pool), seq).steps[0]
     p = seq.prefill_len
-    if p < capacity:                                      # T < C: nothing compressed (T == C is)
-        assert (step.selection.sizes == p + 1).all()
-        return
-    expected, _ = naive_snapkv_keep(seq, window, capacity, kernel, pool)
-    for h, ix in enumerate(step.selection.indices):
-        kept = set(ix) - {p}
-        assert kept == set(expected[h]), (h, sorted(kept), expected[h])
+    expected = naive_snapkv_keep(seq, window, capacity, kernel, pool)[0] if p >= capacity else None
+    for j, step in enumerate(run(SnapKV(window=window, capacity=capacity, kernel=kernel, pool=pool), seq).steps):
+        decoded = set(range(p, p + j + 1))
+        for h, ix in enumerate(step.selection.indices):
+            prompt = set(range(p)) if expected is None else set(expected[h])   # T < C: nothing compressed
+            assert set(ix) == prompt | decoded, (j, h, sorted(ix))
+
+
+def naive_prefill_total(method, t):
+    """Tokens kept after a ``t``-token prompt (``None``: all), from the docstrings' closed forms."""
+    c, w = method.capacity, method.window
+    if t < c:
+        return None
+    if not isinstance(method, PyramidKV) or t < 2 * (c - w):
+        return c
+    b = c - w
+    lo, hi = b // method.beta, 2 * b - b // method.beta
+    if hi >= t - w:
+        hi, lo = t - w, 2 * b - (t - w)
+    steps = (hi - lo) // (method.num_layers - 1) if method.num_layers > 1 else 0
+    return hi - method.layer * steps + w
+
+
+def check_snapkv_steps(method, seq, steps=None):
+    """At every step t: |kept| = (prefill total or T) + (t - T + 1), with the window and every decoded
+    token kept. ``steps`` limits the check to the first steps (to show what that would miss)."""
+    p, w = seq.prefill_len, method.window
+    total = naive_prefill_total(method, p)
+    for j, step in enumerate(run(method, seq).steps[:steps]):
+        assert (step.selection.sizes == (p if total is None else total) + j + 1).all(), (j, step.selection.sizes)
+        for ix in step.selection.indices:
+            assert set(range(max(0, p - w), p + j + 1)) <= set(ix), (j, sorted(ix))
+
+
+SNAPKV_EDGES = ("C-1", "C", "C+1", "w", "w+1", "2B-1", "2B", "any")      # B = C - w: PyramidKV's threshold
+
+
+@st.composite
+def snapkv_cases(draw, kind, edge, max_length=32):
+    """``(method, seq)``: a SnapKV or PyramidKV, a prefill length ``T`` at ``edge`` (``T >= 1``; ``"any"``:
+    ``1 .. max_length``), then 2 to 8 decode steps."""
+    window = draw(st.integers(1, 4))
+    capacity = draw(st.integers(window + 1, 14))
+    kw = dict(window=window, capacity=capacity, kernel=draw(st.sampled_from([1, 3, 5])),
+              pool=draw(st.sampled_from(["max", "avg", "none"])),
+              gqa=draw(st.sampled_from(["per_query_head", "mean", "max", "sum"])),
+              reduce_before_pool=draw(st.booleans()))
+    if kind == "pyramidkv":
+        layers = draw(st.integers(1, 6))
+        method = PyramidKV(**kw, beta=draw(st.integers(1, 20)), num_layers=layers,
+                           layer=draw(st.integers(0, layers - 1)))
+    else:
+        method = SnapKV(**kw)
+    b = capacity - window
+    at = {"C-1": capacity - 1, "C": capacity, "C+1": capacity + 1, "w": window, "w+1": window + 1,
+          "2B-1": 2 * b - 1, "2B": 2 * b}
+    prefill = draw(st.integers(1, max_length)) if edge == "any" else max(1, at[edge])
+    steps = draw(st.integers(2, 8))                        # several decode steps: "every step" means something
+    return method, draw(decode_sequences(prefill_len=prefill, length=prefill + steps))
+
+
+@pytest.mark.parametrize("edge", SNAPKV_EDGES)
+@pytest.mark.parametrize("kind", ["snapkv", "pyramidkv"])
+@given(data=st.data())
+def test_snapkv_pyramidkv_cache_size_and_window_at_every_step(kind, edge, data):
+    check_snapkv_steps(*data.draw(snapkv_cases(kind, edge), label="case"))
+
+
+def test_planted_decode_eviction_is_caught_only_after_the_first_step():
+    """A SnapKV that drops its oldest kept token after each decode step is right at step 0."""
+    class Rolling(SnapKV):
+        def decode(self, state, q, k_new, v_new, *, layout=Layout()):
+            new, res = super().decode(state, q, k_new, v_new, layout=layout)
+            kept = new.kept.copy()
+            kept[np.arange(kept.shape[0]), kept.argmax(axis=1)] = False
+            return replace(new, kept=kept), res
+    seq = make_decode_sequence(20, 2, 1, 4, prefill_len=12, seed=3)
+    check_snapkv_steps(SnapKV(window=3, capacity=8), seq)
+    check_snapkv_steps(Rolling(window=3, capacity=8), seq, steps=1)    # a first-step check passes...
+    with pytest.raises(AssertionError):
+        check_snapkv_steps(Rolling(window=3, capacity=8), seq)          # ...every step does not
 
 
 @given(seq=decode_sequences(min_length=6, max_length=30))
@@ -279,6 +398,10 @@ def test_snapkv_gqa_modes_and_window_kept():
     assert shared.indices[0].tolist() == shared.indices[1].tolist()
     for sel in (per_head, shared):
         assert (sel.sizes == 13).all() and all(set(range(28, 33)) <= set(ix) for ix in sel.indices)
+    for gqa in ("per_query_head", "mean"):                       # and at every later step
+        for j, step in enumerate(run(SnapKV(window=4, capacity=12, gqa=gqa), seq).steps):
+            sel = step.selection
+            assert (sel.sizes == 13 + j).all() and all(set(range(28, 33 + j)) <= set(ix) for ix in sel.indices)
 
 
 # --- CORM -------------------------------------------------------------------------------------------
@@ -329,6 +452,85 @@ def test_corm_evicts_something_and_planted_bug_is_caught():
             return CORM(window=1, recent=self.window).evict(kept, last_important, t)
     with pytest.raises(AssertionError):
         check_corm(Impatient(window=2), seq)
+
+
+# --- slot permutation: the output is attention over the compacted cache, slots in any order ----------
+
+def rotated(seq):
+    """``seq`` with q and keys rotated by RoPE at their original positions (post-RoPE inputs)."""
+    pos = np.arange(seq.length)
+    q = core.rope_apply(seq.q_seq.transpose(1, 0, 2), pos).transpose(1, 0, 2)
+    k = core.rope_apply(seq.k_seq.transpose(1, 0, 2), pos).transpose(1, 0, 2)
+    return replace(seq, q_seq=np.ascontiguousarray(q), k_seq=np.ascontiguousarray(k))
+
+
+def attention_rounding_bound(q, keys, values):
+    """Bound on |naive attention - any other float64 evaluation| of one query over ``keys``/``values``.
+
+    Each logit is a d-term dot product (times 1/sqrt(d)), off by at most ``delta = 4 d u A`` (``A`` the
+    largest ``sum_i |q_i k_i| / sqrt(d)``, ``u = 2^-53``, the 4 covering both evaluations and a 1-ulp
+    difference of RoPE'd key entries). Logits off by ``delta`` move each probability by a factor
+    ``exp(+-2 delta)``, so the output moves by at most ``(exp(2 delta) - 1) max|v|``; both weighted sums of
+    ``m`` rows and both normalisations add ``(2m + 8) u max|v|``."""
+    d = q.shape[0]
+    u = np.finfo(float).eps / 2
+    a = (np.abs(keys) @ np.abs(q)).max() / np.sqrt(d)
+    vmax = np.abs(values).max()
+    return (np.expm1(2 * 4 * d * u * a) + (2 * keys.shape[0] + 8) * u) * vmax
+
+
+def check_permuted_compacted_cache(method, seq, seed, *, permute_values=True):
+    """At every decode step, query head ``h``'s output == naive attention over a compacted cache of its
+    kept tokens whose slots are randomly permuted: positions, keys and values permuted together, the
+    pre-RoPE keys rotated at their (permuted) original positions and the query at its true position t.
+    The method runs on the post-RoPE sequence (the eviction oracles' convention: keys as given)."""
+    post = rotated(seq)
+    rng = np.random.default_rng(seed)
+    g = seq.q_seq.shape[1] // seq.k_seq.shape[1]
+    for j, step in enumerate(run(method, post).steps):
+        t = seq.prefill_len + j
+        for h, ix in enumerate(step.selection.indices):
+            pos = ix[rng.permutation(ix.size)]                  # slot i holds original position pos[i]
+            keys = core.rope_apply(seq.k_seq[pos, h // g][None], pos)[0]
+            values = seq.v_seq[pos if permute_values else ix, h // g]
+            q = post.q_seq[t, h]
+            expected = naive_probs(q, keys) @ values
+            np.testing.assert_allclose(step.output[h], expected, rtol=0, atol=attention_rounding_bound(q, keys, values),
+                                       err_msg=f"{method}, t={t}, h={h}")
+
+
+@given(seq=decode_sequences(max_length=24), heavy=sizes(5), recent=sizes(5), layer=st.integers(0, 3),
+       gqa=st.sampled_from(["per_query_head", "mean", "max"]), seed=st.integers(0, 2**32 - 1))
+def test_output_is_attention_over_a_permuted_compacted_cache(seq, heavy, recent, layer, gqa, seed):
+    if heavy + recent == 0:
+        heavy = 1
+    methods = [H2O(heavy=heavy, recent=recent, gqa=gqa), H2O(heavy=heavy, recent=recent, timing="after_attention"),
+               H2O(heavy=heavy, recent=recent, execution="mask_sim"),
+               SnapKV(window=2, capacity=5, kernel=3, gqa=gqa),
+               PyramidKV(window=2, capacity=6, num_layers=4, layer=layer, gqa=gqa),
+               CORM(window=2, gqa="per_query_head" if gqa == "per_query_head" else "union")]
+    for m in methods:
+        check_permuted_compacted_cache(m, seq, seed)
+
+
+def test_planted_bugs_in_slots_positions_and_reported_sets_are_caught():
+    seq = make_decode_sequence(20, 4, 2, 8, prefill_len=10, seed=11)
+    check_permuted_compacted_cache(H2O(heavy=2, recent=3), seq, 0)
+    # values not permuted with their keys
+    with pytest.raises(AssertionError):
+        check_permuted_compacted_cache(H2O(heavy=2, recent=3), seq, 0, permute_values=False)
+    # cache-index positions (kept keys re-rotated to slots 0..m-1): right while nothing is evicted...
+    check_permuted_compacted_cache(StreamingLLM(sinks=2, recent=30, rope="cache_index", inputs_rotated=True), seq, 0)
+    with pytest.raises(AssertionError):      # ...wrong once tokens are evicted
+        check_permuted_compacted_cache(StreamingLLM(sinks=2, recent=3, rope="cache_index", inputs_rotated=True),
+                                       seq, 0)
+
+    class AttendsBeforeEvicting(H2O):         # output over the cache before eviction, Selection after it
+        def decode(self, state, q, k_new, v_new, *, layout=Layout()):
+            new, res = H2O.decode(replace(self, timing="after_attention"), state, q, k_new, v_new, layout=layout)
+            return new, replace(res, selection=selection_of(new.kept, q.shape[0]))
+    with pytest.raises(AssertionError):
+        check_permuted_compacted_cache(AttendsBeforeEvicting(heavy=2, recent=3), seq, 0)
 
 
 def test_eviction_bad_parameters_and_states():

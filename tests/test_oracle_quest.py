@@ -113,15 +113,38 @@ def test_budget_covering_context_is_dense(inp, page_size, data):
     assert kernel.select(inp.q, inp.k, inp.v) == Selection.full(inp.q.shape[0], n)
 
 
-@given(inp=decode_inputs(max_n=80, max_h_kv=2, max_group=2), page_size=st.sampled_from([3, 4, 8, 16]),
-       data=st.data())
-def test_page_counts_and_last_page_rules(inp, page_size, data):
+def page_edges(page_size, below):
+    """Values around the page size P, 1 <= x < below: 1, 2, P-1, P, P+1, 2P-1, 2P, 2P+1."""
+    p = page_size
+    return sorted({x for x in (1, 2, p - 1, p, p + 1, 2 * p - 1, 2 * p, 2 * p + 1) if 1 <= x < below})
+
+
+# n and budget by regime, so each is reached in every profile (the ci profile's 30 derandomized
+# examples of one mixed strategy need not reach n < P): n < P; budget < P < n; both drawn from the
+# edges around P (partial last page, a budget of exactly one page); anywhere (budget < n throughout).
+QUEST_REGIMES = ("n<P", "B<P<n", "edges", "any")
+
+
+@pytest.mark.parametrize("regime", QUEST_REGIMES)
+@given(page_size=st.sampled_from([3, 4, 8, 16]), data=st.data())
+def test_page_counts_and_last_page_rules(regime, page_size, data):
     """Budget < page size, partial last page and n < page size included."""
-    n = inp.k.shape[1]
+    p_ = page_size
+    if regime == "n<P":
+        n = data.draw(st.integers(2, p_ - 1), label="n")
+        budget = data.draw(st.integers(1, n - 1), label="budget")
+    elif regime == "B<P<n":
+        n = data.draw(st.one_of(st.sampled_from(page_edges(p_, 81)[-4:]), st.integers(p_ + 1, 80)), label="n")
+        budget = data.draw(st.one_of(st.sampled_from(page_edges(p_, p_)), st.integers(1, p_ - 1)), label="budget")
+    elif regime == "edges":
+        n = data.draw(st.sampled_from(page_edges(p_, 81)[1:]), label="n")
+        budget = data.draw(st.sampled_from(page_edges(p_, n)), label="budget")
+    else:
+        n = data.draw(st.integers(2, 80), label="n")
+        budget = data.draw(st.integers(1, n - 1), label="budget")
+    inp = data.draw(decode_inputs(n=n, max_h_kv=2, max_group=2), label="inp")
+    assert budget < n
     pages = -(-n // page_size)
-    budget = data.draw(st.integers(1, max(1, n - 1)))
-    if budget >= n:
-        return
     floor_pages = max(1, budget // page_size)
     lo, hi = brute_metadata(inp.k, page_size)
     kv = core.kv_head_of(inp.q.shape[0], inp.k.shape[0])

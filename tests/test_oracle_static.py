@@ -4,10 +4,10 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from kvsparse import registry
-from kvsparse.oracle import Layout, core, run_decode
+from kvsparse.oracle import Layout, Selection, core, run_decode
 from kvsparse.oracle.bigbird import BigBird, bigbird_blocks
 from kvsparse.oracle.dense import Dense
-from kvsparse.oracle.longformer import Longformer
+from kvsparse.oracle.longformer import Longformer, longformer_mask
 from kvsparse.oracle.sliding_window import SlidingWindow
 from kvsparse.oracle.streaming_llm import StreamingLLM
 from kvsparse.property_tests.sequences import decode_sequences, make_decode_sequence, sizes
@@ -214,6 +214,54 @@ def test_longformer_global_token_counted_once():
     np.testing.assert_allclose(res.output, once, rtol=1e-13)
     twice = core.attend_indices(inp.q, inp.k, inp.v, [[0, 6, 7, 8, 9]] * 2, [[1.0, 1.0, 2.0, 1.0, 1.0]] * 2)
     assert not np.allclose(res.output, twice, rtol=1e-6)
+
+
+def check_longformer_globals(method, positions):
+    """Every global token the cache holds (all are <= the current, largest, position) is selected, and
+    the selection is exactly the dilated band plus those globals (everything if the current token is
+    global), stated over positions, whatever slot holds them."""
+    n = positions.size
+    q, k, v = np.zeros((2, 2)), np.zeros((1, n, 2)), np.zeros((1, n, 2))
+    sel = method.select(q, k, v, positions=positions)
+    assert all(list(ix) == list(sel.indices[0]) for ix in sel.indices)
+    chosen = {int(positions[i]) for i in sel.indices[0]}
+    cur = int(positions.max())
+    held = {int(p) for p in positions}
+    globals_held = {g for g in method.global_tokens if g in held}
+    assert globals_held <= chosen, (sorted(globals_held - chosen), cur)
+    if cur in method.global_tokens:
+        expected = held
+    else:
+        w, delta = method.window, method.dilation
+        expected = {p for p in held if (cur - p) % delta == 0 and cur - p <= w * delta} | globals_held
+    assert chosen == expected, (sorted(chosen ^ expected), cur)
+
+
+@given(n=st.integers(1, 60), window=st.integers(0, 8), dilation=st.integers(1, 3),
+       global_tokens=st.lists(st.integers(0, 80), unique=True, max_size=6), holes=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_longformer_selects_every_global_token_up_to_the_current_position(n, window, dilation, global_tokens,
+                                                                          holes, seed):
+    """Random global sets and n; the cache either holds 0..n-1 in order, or n distinct positions of
+    0..79 (the latest one current) in a random slot order (an evicted or permuted cache)."""
+    rng = np.random.default_rng(seed)
+    positions = rng.choice(80, size=n, replace=False) if holes else np.arange(n)
+    check_longformer_globals(Longformer(window=window, dilation=dilation, global_tokens=tuple(global_tokens)),
+                             positions)
+
+
+def test_planted_bug_matching_globals_by_slot_is_caught():
+    """Globals matched against slot indices instead of positions: right for a 0..n-1 cache only."""
+    class GlobalsBySlot(Longformer):
+        def select(self, q, k, v, *, positions=None):
+            pos = np.arange(k.shape[1]) if positions is None else np.asarray(positions)
+            keep = longformer_mask(pos, self.window, self.dilation, ()) | np.isin(np.arange(pos.size),
+                                                                                  self.global_tokens)
+            return Selection(tuple(np.flatnonzero(keep) for _ in range(q.shape[0])), pos.size)
+    m = GlobalsBySlot(window=2, global_tokens=(0, 3))
+    check_longformer_globals(m, np.arange(12))
+    with pytest.raises(AssertionError):
+        check_longformer_globals(m, np.array([5, 3, 11, 0, 7, 9, 10, 2]))
 
 
 def test_static_traffic_is_the_selected_rows():

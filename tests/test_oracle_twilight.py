@@ -106,18 +106,42 @@ def test_reference_bracket_and_epsilon():
     assert top_p_search(close, 0.7).tolist() == [True, True, False]
 
 
-@given(inp=decode_inputs(max_n=60, max_h_kv=2, max_group=2, head_dims=(2, 4, 8, 16)), p=P_VALUES,
-       budget=st.integers(1, 70), page=st.sampled_from([1, 4, 16]), use_ds=st.booleans())
-def test_twilight_keeps_the_smallest_set_of_its_estimate(inp, p, budget, page, use_ds):
-    """With exact keys (quant_bits=None) p_hat is the softmax of the true logits over the candidates."""
-    base = DoubleSparsity(token_budget=budget, label_bits=4) if use_ds else Quest(token_budget=budget, page_size=page)
-    m = Twilight(base=base, p=p, quant_bits=None)
+def check_twilight_minimality(m, inp):
+    """Per query head: kept within the candidates, and the smallest set of the estimate ``p_hat``.
+    Exact keys: ``p_hat`` is the softmax of the true logits over the candidates (computed here); 4-bit
+    keys: ``p_hat`` is the method's own estimate (its values are checked by hand in
+    ``test_four_bit_estimate_by_hand``)."""
     cand, kept = m.select_with_candidates(inp.q, inp.k, inp.v)
-    s = core.logits(inp.q, inp.k)
-    for h, (c, kp) in enumerate(zip(cand.indices, kept.indices)):
+    if m.quant_bits is None:
+        s = core.logits(inp.q, inp.k)
+        estimate = [core.softmax(s[h, c]) for h, c in enumerate(cand.indices)]
+    else:
+        estimate = m.estimated_probabilities(inp.q, inp.k, cand)
+    for c, kp, probs in zip(cand.indices, kept.indices, estimate):
         assert set(kp) <= set(c)
-        probs = core.softmax(s[h, c])
-        check_smallest_set(probs, np.isin(c, kp), p)
+        check_smallest_set(probs, np.isin(c, kp), m.p)
+
+
+@given(inp=decode_inputs(max_n=60, max_h_kv=2, max_group=2, head_dims=(2, 4, 8, 16)), p=P_VALUES,
+       budget=st.integers(1, 70), page=st.sampled_from([1, 4, 16]), use_ds=st.booleans(),
+       quant_bits=st.sampled_from([None, 4]))
+def test_twilight_keeps_the_smallest_set_of_its_estimate(inp, p, budget, page, use_ds, quant_bits):
+    base = DoubleSparsity(token_budget=budget, label_bits=4) if use_ds else Quest(token_budget=budget, page_size=page)
+    check_twilight_minimality(Twilight(base=base, p=p, quant_bits=quant_bits), inp)
+
+
+def test_planted_bug_pruning_on_exact_probabilities_is_caught():
+    """A Twilight that prunes on the exact probabilities although its keys are 4-bit (its estimate
+    itself is right) passes the exact-key check and is caught by the 4-bit one."""
+    class PrunesOnExact(Twilight):
+        def select_with_candidates(self, q, k, v):
+            return Twilight.select_with_candidates(replace(self, quant_bits=None), q, k, v)
+    inp = make_decode_input(2, 1, 48, 8, "gaussian", 5)
+    base = Quest(token_budget=48, page_size=1, dense_if_budget_covers=False)
+    check_twilight_minimality(Twilight(base=base, p=0.85, quant_bits=4), inp)
+    check_twilight_minimality(PrunesOnExact(base=base, p=0.85, quant_bits=None), inp)
+    with pytest.raises(AssertionError):
+        check_twilight_minimality(PrunesOnExact(base=base, p=0.85, quant_bits=4), inp)
 
 
 @given(inp=decode_inputs(max_n=60, max_h_kv=2, max_group=2, head_dims=(2, 4, 8, 16)),

@@ -20,6 +20,9 @@ parameter so that it can be changed once the paper is checked:
   attended ``i + 1`` keys), then the rule is applied at ``t = P - 1`` [assumption].
 * GQA (``gqa``): ``"union"`` (canonical [assumption]): one cache per KV head, a key is important if
   it is important for any query head of the group; ``"per_query_head"``: one cache per query head.
+* Positions / RoPE (a convention, not an [assumption] about the paper): q and the keys are used as
+  given, i.e. post-RoPE at their original positions (or no RoPE). Evicting never re-rotates the kept
+  keys, the query keeps its true position ``t``, and Selections index original positions.
 * The budget is input-dependent (no fixed size); ``alpha``-like knobs are ``threshold`` and ``window``.
   ``threshold = 0`` never evicts (dense attention).
 

@@ -13,6 +13,21 @@ So a step over ``n`` tokens reads ``min(n, heavy + recent)`` tokens, and the inc
 kept token is the sum, over the steps that attended it, of its attention probability (the brute-force
 property the tests check).
 
+``recent = 0`` (heavy-only; canonical ``drop`` + ``before_attention``): nothing is protected, so the
+new token (score 0) competes with the kept tokens before it is attended. Once the cache is full
+(``n > heavy``) it loses (every kept score is ``>= 0``, and a tie goes to the lower position), so it
+is evicted before its own step attends it: the current token is attended only while ``n <= heavy``,
+and from then on every step attends the same ``heavy`` tokens (new tokens never enter the cache). With
+``timing="after_attention"`` the current token is always attended (``heavy + 1`` tokens) and then
+competes with the score of that one step. The masking simulation's ``recent = 0`` quirks are below.
+
+Positions / RoPE (every execution and preset): q and the keys are used as given, i.e. post-RoPE at
+their original positions (or no RoPE), as ``h2o_hf/utils_real_drop`` caches them. Evicting tokens
+never re-rotates the kept keys, the query keeps its true position ``t``, and Selections index
+original positions. So the output equals attention over the compacted cache of the kept tokens in
+any slot order. There is no cache-index mode: H2O's ``_streaming`` variant re-rotates keys to cache
+slots, which is StreamingLLM's ``rope="cache_index"`` and is not reproduced here.
+
 Conventions (explicit fields of ``H2O``):
 
 * ``heavy``/``recent`` as integers, or (``None``) from ``heavy_ratio``/``recent_ratio`` of the prompt

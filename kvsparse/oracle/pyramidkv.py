@@ -14,7 +14,10 @@ window ``w``, ``B = C - w``, ``beta`` the steepness):
   tokens *including* the window; if not ``T >= max >= min >= w`` it falls back to
   ``max(1, round(T (1 - r)))``. Python's ``round`` (half to even) is reproduced.
 
-Everything else (window scores, pooling, GQA, the kept window, no decode eviction) is ``SnapKV``'s.
+Everything else (window scores, pooling, GQA, the kept window, no decode eviction) is ``SnapKV``'s,
+positions included: q and the keys are used as given, i.e. post-RoPE at their original positions (or
+no RoPE). Kept keys are never re-rotated, decode queries keep their true position ``t``, and
+Selections index original positions.
 """
 from __future__ import annotations
 

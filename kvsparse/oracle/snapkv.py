@@ -20,6 +20,13 @@ its own set, a G-times larger cache; count its bytes with ``Layout(share_kv_head
 set per KV head from the group's scores reduced by ``mean|max|sum``, after pooling
 (``reduce_before_pool=False``, kvpress) or before it (KVCache-Factory's ``kv_head`` mode).
 
+Positions / RoPE: q and the keys are used as given, i.e. post-RoPE at their original positions (or
+no RoPE), as the repo and kvpress cache them. The window queries are scored at their original
+positions. Compression never re-rotates the kept keys. Decode queries use their true position ``t``,
+not the compacted cache length. Selections index original positions. So the output equals attention
+over the compacted cache of the kept tokens in any slot order. For cache-index positions (kvpress
+``KeyRerotationPress``), rotate outside the oracle, or see StreamingLLM's ``rope`` field.
+
 State: ``CacheState`` (kept rows per unit). Traffic: the kept K/V rows (``kv_traffic``); no scores
 are read after prefill.
 """
