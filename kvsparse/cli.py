@@ -108,7 +108,8 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     """The main job on built-in defaults: coverage, then quality x cost of the main methods on the
     shipped real trace, with the cost projected onto a deployment-sized model and context."""
-    from .sim.evaluate import DEFAULT_TRACE, budget_methods, evaluate
+    from .sim.evaluate import DEFAULT_TRACE, budget_methods, evaluate, table_note, table_rows
+    from .sim.models import model as get_model
     from .traces.format import load_trace
 
     print("kvsparse: what exists for each method (computed from the registry)\n")
@@ -118,13 +119,16 @@ def cmd_report(args) -> int:
     budgets = (128, 512)
     t0 = time.perf_counter()
     rows = evaluate(trace, methods, budgets, steps=args.steps, model=args.model, gpu=args.gpu, context=args.context)
-    overall = [r for r in rows if r["layer"] == "all"]
+    overall = table_rows(rows)
     print(f"\nQuality on a real trace: {trace}")
     print(f"layers {list(trace.layers)}, the last {args.steps} decode positions; error and attention mass are exact "
           f"(float64 oracle vs dense). Cost: one decode step of {args.model} on {args.gpu} at context {args.context}, "
           f"with the budget scaled to the same fraction of the context (simulated).\n")
-    print(format_table(overall, ["method", "budget", "rel_error", "mass", "topk_overlap", "sim_budget",
-                                 "us_per_token", "attention_us"]))
+    columns = ["method", "budget", "rel_error", "mass", "topk_overlap", "oracle_hbm_MB", "sim_budget",
+               "group_union", "us_per_token", "attention_us", "attn_hbm_MB", "pcie_MB"]
+    print(format_table(overall, columns))
+    shape = get_model(args.model).attention()
+    print("\n" + table_note(columns, trace.h_q // trace.h_kv, shape.h_q // shape.h_kv))
     dense_us = evaluate_dense_cost(args.model, args.gpu, args.context)
     print(f"\ndense attention, same model/GPU/context: {dense_us:.0f} us per token"
           f"   ({time.perf_counter() - t0:.1f} s)")

@@ -5,7 +5,9 @@ import pytest
 from kvsparse import cli
 from kvsparse.oracle import core
 from kvsparse.oracle.quest import Quest
-from kvsparse.sim.evaluate import DEFAULT_TRACE, evaluate, method_with_budget, quality_rows
+from kvsparse.sim import latency
+from kvsparse.sim.evaluate import (DEFAULT_TRACE, evaluate, gpu_list, method_with_budget, model_group_union,
+                                   quality_rows)
 from kvsparse.traces.format import load_trace
 
 
@@ -65,3 +67,105 @@ def test_cli_writes_table_csv_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert png.stat().st_size > 1000
     assert cli.main(["evaluate", "--layers", "5"]) == 2
+
+
+def test_oracle_bytes_and_measured_union_against_a_hand_computation(short_layer):
+    q, k, v = short_layer
+    method = Quest(token_budget=64, page_size=16)
+    row = quality_rows(q, k, v, method, steps=2)
+    hbm, union, per_head = [], 0, 0.0
+    for t in (q.shape[0] - 2, q.shape[0] - 1):
+        kc, vc = k[: t + 1].transpose(1, 0, 2), v[: t + 1].transpose(1, 0, 2)
+        res = method.step(q[t], kc, vc)
+        hbm.append(sum(b for (mem, _), b in res.traffic.bytes.items() if mem == "hbm"))
+        g = q.shape[1] // k.shape[1]
+        union += sum(len(set().union(*(set(res.selection.indices[h]) for h in range(j * g, (j + 1) * g))))
+                     for j in range(k.shape[1]))
+        per_head += np.mean([len(ix) for ix in res.selection.indices])
+    assert row["oracle_hbm_bytes"] == pytest.approx(np.mean(hbm)) and row["oracle_pcie_bytes"] == 0
+    assert row["trace_group_union"] == pytest.approx(union / (k.shape[1] * per_head))
+    assert 1 < row["trace_group_union"] < q.shape[1] // k.shape[1]
+
+
+def test_model_group_union_maps_identical_and_disjoint_sets():
+    assert model_group_union(1.0, 3, 4) == 1.0 and model_group_union(3.0, 3, 4) == 4.0
+    assert model_group_union(2.0, 3, 4) == pytest.approx(2.5) and model_group_union(2.0, 3, 3) == 2.0
+    assert model_group_union(float("nan"), 3, 4) is None and model_group_union(1.0, 1, 4) is None
+    assert model_group_union(2.0, 3, 1) == 1.0
+
+
+def test_measured_union_prices_the_oracles_bytes_per_layer():
+    """SnapKV one step after the prompt: the cost model's kept tokens per head equal the oracle's, so with
+    the union measured on the trace the simulated attention bytes of one layer are the oracle's, up to
+    rounding the per-KV-head mean union up to whole rows (< h_kv rows); the analytic G is far above."""
+    trace = load_trace(DEFAULT_TRACE)
+    rows = evaluate(trace, ["snapkv"], [512], steps=1, model="smollm2-135m")
+    row_bytes = 2 * trace.d * 2                                    # fp16 key + value row
+    per_layer = [r for r in rows if r["layer"] != "all"]
+    assert len(per_layer) == len(trace.layers)
+    for r in per_layer:
+        assert r["group_union_source"] == "trace" and r["group_union"] == r["trace_group_union"]
+        assert 0 <= r["layer_attn_hbm_read_bytes"] - r["oracle_hbm_bytes"] < trace.h_kv * row_bytes
+        assert r["us_per_token"] is None and r["layer_attention_us"] > 0    # no step cost in layer rows
+    assert len({r["layer_attn_hbm_read_bytes"] for r in per_layer}) == len(per_layer)   # layers differ
+    analytic = latency.step_kernels("smollm2-135m", "snapkv", [trace.n_tokens], 512)
+    top = max(r["layer_attn_hbm_read_bytes"] for r in per_layer)
+    assert analytic.total(lambda k: k.read("hbm"), kernels=analytic.attention) / 30 > 1.2 * top
+    overall = [r for r in rows if r["layer"] == "all"][0]
+    assert overall["oracle_hbm_bytes"] == pytest.approx(sum(r["oracle_hbm_bytes"] for r in per_layer))
+    # SnapKV runs in every one of SmolLM2's 30 layers: the step's attention is 30 such layers
+    assert overall["sim_attn_hbm_read_bytes"] == pytest.approx(30 * overall["layer_attn_hbm_read_bytes"])
+    assert overall["attention_us"] == pytest.approx(30 * overall["layer_attention_us"])
+
+
+def test_union_is_mapped_to_the_models_group_and_said_when_unused():
+    rows = [r for r in evaluate(DEFAULT_TRACE, ["snapkv", "streaming_llm"], [256], steps=1, model="llama-3-8b",
+                                context=32768) if r["layer"] == "all"]
+    snap, stream = rows
+    assert snap["group_union_source"] == "trace"
+    assert snap["group_union"] == pytest.approx(model_group_union(snap["trace_group_union"], 3, 4))
+    analytic = latency.step_kernels("llama-3-8b", "snapkv", [32768], snap["sim_budget"])
+    assert snap["sim_attn_hbm_read_bytes"] < analytic.total(lambda k: k.read("hbm"), kernels=analytic.attention)
+    assert stream["group_union_source"] == "unused" and np.isnan(stream["group_union"])
+
+
+def test_several_gpus_price_the_same_quality():
+    rows = evaluate(DEFAULT_TRACE, ["quest"], [256], steps=1, gpu="h100-sxm, rtx-4090", context=32768,
+                    model="llama-3-8b")
+    h100 = [r for r in rows if r["gpu"] == "h100-sxm"]
+    rtx = [r for r in rows if r["gpu"] == "rtx-4090"]
+    assert len(h100) == len(rtx) == 3
+    for a, b in zip(h100, rtx):
+        assert a["rel_error"] == b["rel_error"] and a["oracle_hbm_bytes"] == b["oracle_hbm_bytes"]
+        assert a["layer_attn_hbm_read_bytes"] == b["layer_attn_hbm_read_bytes"]
+    assert rtx[-1]["us_per_token"] > 1.5 * h100[-1]["us_per_token"]     # 1.0 vs 3.35 TB/s HBM
+    with pytest.raises(TypeError, match="gpu"):
+        gpu_list(5)
+    with pytest.raises(ValueError, match="gpu"):
+        gpu_list(" , ")
+
+
+def test_cli_prices_several_gpus_with_a_panel_each(tmp_path, capsys):
+    csv_path, one, two = tmp_path / "e.csv", tmp_path / "one.png", tmp_path / "two.png"
+    common = ["evaluate", "--methods", "quest,snapkv", "--budgets", "256", "--steps", "1"]
+    assert cli.main(common + ["--gpus", "h100-sxm,rtx-4090", "--csv", str(csv_path), "--plot", str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "h100-sxm, rtx-4090" in out and "group_union" in out and "attn_hbm_MB" in out
+    assert len(csv_path.read_text().splitlines()) == 1 + 2 * 2 * 3     # (method, GPU) x (2 layers + overall)
+    assert cli.main(common + ["--gpu", "h100-sxm,rtx-4090"]) == 0
+    assert cli.main(common + ["--gpu", "h100-sxm", "--gpus", "rtx-4090"]) == 2
+    assert cli.main(common + ["--gpus", "h100-sxm,no-such-gpu"]) == 2
+    mpimg = pytest.importorskip("matplotlib.image")
+    assert cli.main(common + ["--plot", str(one)]) == 0
+    assert mpimg.imread(two).shape[1] >= 1.9 * mpimg.imread(one).shape[1]
+
+
+def test_layer_cost_is_a_layer_where_the_method_runs():
+    """Quest runs dense attention in SmolLM2's first 2 of 30 layers: the one-layer cost is a Quest layer,
+    and the step's attention is 28 of them plus 2 dense layers (h_kv x n rows of fp16 K and V each)."""
+    trace = load_trace(DEFAULT_TRACE)
+    overall = [r for r in evaluate(trace, ["quest"], [256], steps=1, model="smollm2-135m")
+               if r["layer"] == "all"][0]
+    dense_layer = trace.h_kv * trace.n_tokens * 2 * trace.d * 2
+    assert overall["layer_attn_hbm_read_bytes"] < dense_layer / 2
+    assert overall["sim_attn_hbm_read_bytes"] == 28 * overall["layer_attn_hbm_read_bytes"] + 2 * dense_layer

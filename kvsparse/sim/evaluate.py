@@ -13,14 +13,36 @@ averaged over steps (and layers for the overall row). The budget sets the oracle
 that the method's cost model names (``budget_param``), so quality and cost refer to the same knob.
 Double Sparsity, when uncalibrated, is calibrated (``qk`` statistic) on the layer's prompt tokens.
 
-Cost: one decode step of ``model`` on ``gpu`` at ``context`` tokens (default: the trace's length)
-with the budget scaled by ``context / T`` (the same fraction of the context as on the trace).
+Bytes: ``oracle_{hbm,pcie,host}_bytes`` are the oracle's ``Traffic`` on the trace (reads of K/V,
+metadata and auxiliary tensors), mean per decode step: of one layer in per-layer rows, summed over the
+evaluated layers in the ``all`` row.
+
+Cost: one decode step of ``model`` on each GPU of ``gpu`` (a key, a comma list or a sequence) at
+``context`` tokens (default: the trace's length) with the budget scaled by ``context / T`` (the same
+fraction of the context as on the trace). ``all`` rows carry the step: ``us_per_token``,
+``attention_us`` (the method's kernels over all layers), ``sim_hbm_read_bytes`` (every kernel,
+weights included), ``sim_attn_hbm_read_bytes``, ``sim_pcie_bytes``, ``sim_host_bytes``. Every row
+carries the cost of ONE layer in which the method runs (``layer_attention_us``,
+``layer_attn_hbm_read_bytes``, ``layer_attn_pcie_bytes``: its attention-method kernels; mean over
+such layers when the cost model is layer-dependent); per-layer rows have no step columns (None), since
+the simulator has no per-layer view of the weights and norms that a trace layer could own.
+
+GQA union: a shared-KV kernel reads, per KV head, the union of its G query heads' selections. The
+cost models estimate it as ``group_union`` x the per-head size (default G: disjoint sets, an upper
+bound). Here ``group_union`` is measured on the oracle's selections (``trace_group_union`` =
+sum over steps and KV heads of the union size / (h_kv x sum over steps of the mean per-head size)),
+per layer for per-layer rows and as the mean over layers for ``all`` rows; when the costed model's
+group size G differs from the trace's G_t it is mapped linearly, ``1 + (u - 1)(G - 1)/(G_t - 1)``
+(identical sets stay identical, disjoint stay disjoint: an assumption). ``group_union_source`` says
+what was priced: ``trace`` (measured), ``analytic`` (the cost model's default G: the trace has G_t = 1
+or selected nothing) or ``unused`` (the cost model's bytes do not depend on it at this budget, or G = 1).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import math
+import textwrap
 import time
 from pathlib import Path
 from typing import Sequence
@@ -66,11 +88,15 @@ def calibrated(method, q_seq, k_seq, prefill_len: int):
 
 
 def quality_rows(q_seq, k_seq, v_seq, method, steps: int) -> dict:
-    """Average quality metrics of ``method`` over the last ``steps`` positions of one layer."""
-    T = q_seq.shape[0]
+    """Average quality metrics of ``method`` over the last ``steps`` positions of one layer, with the
+    oracle's bytes read per step and the measured GQA union factor (``trace_group_union``, NaN for an
+    MHA trace or when nothing was selected)."""
+    T, h_kv = q_seq.shape[0], k_seq.shape[1]
     method = calibrated(method, q_seq, k_seq, T - steps)
     run = run_decode(method, q_seq, k_seq, v_seq, prefill_len=T - steps)
     errs, masses, overlaps, kept = [], [], [], []
+    traffic = {"hbm": 0, "pcie": 0, "host": 0}
+    union = per_head = 0.0
     for j, res in enumerate(run.steps):
         t = T - steps + j
         k = np.ascontiguousarray(k_seq[: t + 1].transpose(1, 0, 2))
@@ -86,16 +112,130 @@ def quality_rows(q_seq, k_seq, v_seq, method, steps: int) -> dict:
         masses.append(np.mean(mass))
         overlaps.append(np.mean(overlap))
         kept.append(res.selection.sizes.mean())
+        for mem in traffic:
+            traffic[mem] += res.traffic.by_memory(mem)
+        union += sum(u.size for u in res.selection.kv_union(h_kv))
+        per_head += float(res.selection.sizes.mean())
+    g_trace = q_seq.shape[1] // h_kv
+    u = union / (h_kv * per_head) if g_trace > 1 and per_head > 0 else math.nan
     return {"rel_error": float(np.mean(errs)), "mass": float(np.mean(masses)),
-            "topk_overlap": float(np.mean(overlaps)), "tokens_kept": float(np.mean(kept))}
+            "topk_overlap": float(np.mean(overlaps)), "tokens_kept": float(np.mean(kept)),
+            **{f"oracle_{mem}_bytes": b / len(run.steps) for mem, b in traffic.items()},
+            "trace_group_union": float(u)}
+
+
+QUALITY = ("rel_error", "mass", "topk_overlap", "tokens_kept")
+ORACLE_BYTES = ("oracle_hbm_bytes", "oracle_pcie_bytes", "oracle_host_bytes")
+STEP_COST = ("us_per_token", "attention_us", "sim_hbm_read_bytes", "sim_attn_hbm_read_bytes", "sim_pcie_bytes",
+             "sim_host_bytes")
+LAYER_COST = ("layer_attention_us", "layer_attn_hbm_read_bytes", "layer_attn_pcie_bytes")
+
+
+def model_group_union(u_trace: float, g_trace: int, g_model: int) -> float | None:
+    """The trace's measured union factor ``u_trace`` in [1, g_trace] mapped onto a model whose KV
+    groups have ``g_model`` query heads: linear between identical (1) and disjoint (G) sets. ``None``
+    when nothing was measured (the caller falls back to the cost model's analytic default)."""
+    if g_model == 1:
+        return 1.0
+    if g_trace <= 1 or u_trace is None or math.isnan(u_trace):
+        return None
+    u = 1.0 + (float(u_trace) - 1.0) * (g_model - 1) / (g_trace - 1)
+    return min(float(g_model), max(1.0, u))
+
+
+def gpu_list(gpu) -> list:
+    """GPUs from a key, a comma list of keys, a ``GPU`` or a sequence of these (each checked)."""
+    from .hardware import GPU, gpu as get_gpu
+    if isinstance(gpu, str):
+        items = gpu.split(",")
+    elif isinstance(gpu, GPU):
+        items = [gpu]
+    else:
+        try:
+            items = list(gpu)
+        except TypeError:
+            raise TypeError(f"gpu must be a GPU key, a comma list of keys, a GPU or a sequence of these, "
+                            f"got {type(gpu).__name__}") from None
+    out = [get_gpu(g.strip()) if isinstance(g, str) else g for g in items if not (isinstance(g, str) and not g.strip())]
+    if not out:
+        raise ValueError(f"gpu must name at least one GPU, got {gpu!r}")
+    for g in out:
+        if not isinstance(g, GPU):
+            raise TypeError(f"gpu must be GPU keys or GPU objects, got {type(g).__name__}")
+    return list({g.key: g for g in out}.values())
+
+
+class _Pricer:
+    """Prices one (method, scaled budget) on the model at ``context`` for a given ``group_union``,
+    reusing the kernels of each union value across GPUs."""
+
+    def __init__(self, spec, name: str, budget: int, context: int):
+        from . import latency
+        self.latency, self.spec, self.name, self.budget, self.context = latency, spec, name, budget, context
+        fn = latency.method_cost(name)
+        shape = spec.attention()
+        self.group = shape.h_q // shape.h_kv
+        dense_layers = int(fn.defaults.get("dense_layers", 0) or 0)
+        reps, _ = latency._layer_classes(spec, dense_layers, fn.layer_dependent)
+        self.active = (reps >= dense_layers).astype(float)
+        self._kernels: dict = {}
+        # does the cost model read more when a group's sets are disjoint than when identical?
+        self.uses_union = self.group > 1 and not np.array_equal(*(
+            self._attention_amount(self.kernels(u), lambda k: k.read()) for u in (1.0, float(self.group))))
+
+    def kernels(self, union):
+        key = None if union is None else float(union)
+        if key not in self._kernels:
+            params = None if key is None else {"group_union": key}
+            self._kernels[key] = self.latency.step_kernels(self.spec, self.name, np.atleast_1d(self.context),
+                                                           self.budget, params=params)
+        return self._kernels[key]
+
+    @staticmethod
+    def _attention_amount(sk, amount) -> np.ndarray:
+        """Per layer class, ``amount(kernel)`` summed over the attention-method kernels."""
+        shape = (len(sk.layer_counts),) + sk.grid
+        return sum((np.broadcast_to(np.asarray(amount(k), dtype=float), shape)
+                    for k in sk.layer_kernels if k.name in sk.attention), np.zeros(shape))
+
+    def union_for(self, u_trace: float, g_trace: int):
+        """(group_union passed, what it is, source) for a measured trace factor."""
+        if not self.uses_union:
+            return None, math.nan, "unused"
+        u = model_group_union(u_trace, g_trace, self.group)
+        return (None, float(self.group), "analytic") if u is None else (u, u, "trace")
+
+    def layer_cost(self, union, g) -> dict:
+        """The attention-method kernels of one layer where the method runs (mean over such layers)."""
+        sk = self.kernels(union)
+        t = self.latency.time_step(sk, g)
+        shape = (len(sk.layer_counts),) + sk.grid
+        secs = sum((np.broadcast_to(s, shape) for k, s in zip(sk.layer_kernels, t.layer_kernel_seconds)
+                    if k.name in sk.attention), np.zeros(shape))
+        w = (sk.layer_counts * self.active).reshape((-1,) + (1,) * len(sk.grid))
+        mean = (lambda a: float((a * w).sum() / w.sum())) if w.sum() else (lambda a: math.nan)
+        return {"layer_attention_us": mean(secs) * 1e6,
+                "layer_attn_hbm_read_bytes": mean(self._attention_amount(sk, lambda k: k.read("hbm"))),
+                "layer_attn_pcie_bytes": mean(self._attention_amount(sk, lambda k: k.read("pcie")))}
+
+    def step_cost(self, union, g) -> dict:
+        sk = self.kernels(union)
+        t = self.latency.time_step(sk, g)
+        first = lambda a: float(np.asarray(a).ravel()[0])  # noqa: E731
+        return {"us_per_token": first(t.step_seconds) * 1e6, "attention_us": first(t.attention_seconds) * 1e6,
+                "sim_hbm_read_bytes": first(sk.hbm_read_bytes()),
+                "sim_attn_hbm_read_bytes": first(sk.total(lambda k: k.read("hbm"), kernels=sk.attention)),
+                "sim_pcie_bytes": first(sk.total(lambda k: k.read("pcie"))),
+                "sim_host_bytes": first(sk.total(lambda k: k.read("host")))}
 
 
 def evaluate(trace, methods: Sequence[str] = DEFAULT_METHODS, budgets: Sequence[int] = DEFAULT_BUDGETS, *,
              layers: Sequence[int] | None = None, steps: int = 4, model="smollm2-135m", gpu="h100-sxm",
              context: int | None = None) -> list[dict]:
-    """Rows per (method, budget, layer) plus an ``all`` row per (method, budget); see the module doc."""
+    """Rows per (method, budget, GPU, layer) plus an ``all`` row per (method, budget, GPU); see the
+    module doc. ``gpu``: a key, a comma list of keys, or a sequence (each GPU is priced)."""
     from ..traces.format import load_trace
-    from . import latency
+    from .models import model as get_model
     if isinstance(trace, (str, Path)):
         trace = load_trace(trace)
     steps = core.check_positive_int(steps, "steps")
@@ -106,6 +246,9 @@ def evaluate(trace, methods: Sequence[str] = DEFAULT_METHODS, budgets: Sequence[
     if missing:
         raise ValueError(f"layers {missing} are not in the trace (it has {list(trace.layers)})")
     context = trace.n_tokens if context is None else core.check_positive_int(context, "context")
+    gpus = gpu_list(gpu)
+    spec = get_model(model)
+    g_trace = trace.h_q // trace.h_kv
     seqs = {li: tuple(core.as_float64(a, "trace") for a in trace.layer(li).sequences()) for li in layers}
     rows = []
     for name in methods:
@@ -118,16 +261,26 @@ def evaluate(trace, methods: Sequence[str] = DEFAULT_METHODS, budgets: Sequence[
                 row["oracle_seconds"] = time.perf_counter() - t0
                 per_layer.append(row)
             scaled = max(1, min(context, math.floor(b * context / trace.n_tokens)))
-            timing = latency.simulate(model, gpu, name, scaled, context)
-            cost = {"context": context, "sim_budget": scaled,
-                    "us_per_token": float(np.asarray(timing.step_seconds).ravel()[0]) * 1e6,
-                    "attention_us": float(np.asarray(timing.attention_seconds).ravel()[0]) * 1e6}
-            for row in per_layer:
-                rows.append({**row, **cost})
-            rows.append({"method": name, "budget": int(b), "layer": "all",
-                         **{key: float(np.mean([r[key] for r in per_layer]))
-                            for key in ("rel_error", "mass", "topk_overlap", "tokens_kept")}, **cost})
+            pricer = _Pricer(spec, name, scaled, context)
+            u_all = float(np.mean([r["trace_group_union"] for r in per_layer]))
+            overall = {"method": name, "budget": int(b), "layer": "all",
+                       **{k: float(np.mean([r[k] for r in per_layer])) for k in QUALITY},
+                       **{k: float(np.sum([r[k] for r in per_layer])) for k in ORACLE_BYTES},
+                       "trace_group_union": u_all,
+                       "oracle_seconds": float(np.sum([r["oracle_seconds"] for r in per_layer]))}
+            for g in gpus:
+                for row, step in [(r, False) for r in per_layer] + [(overall, True)]:
+                    passed, value, source = pricer.union_for(row["trace_group_union"], g_trace)
+                    cost = {"gpu": g.key, "context": context, "sim_budget": scaled, "group_union": value,
+                            "group_union_source": source}
+                    step_cost = pricer.step_cost(passed, g) if step else dict.fromkeys(STEP_COST)
+                    out = {**row, **cost, **step_cost, **pricer.layer_cost(passed, g)}
+                    rows.append({k: out[k] for k in COLUMNS})
     return rows
+
+
+COLUMNS = ("method", "budget", "gpu", "layer", *QUALITY, *ORACLE_BYTES, "trace_group_union", "oracle_seconds",
+           "context", "sim_budget", "group_union", "group_union_source", *STEP_COST, *LAYER_COST)
 
 
 def write_csv(rows: list[dict], path) -> None:
@@ -138,22 +291,64 @@ def write_csv(rows: list[dict], path) -> None:
         w.writerows(rows)
 
 
-def pareto_plot(rows: list[dict], path, title: str) -> None:
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The ``all`` rows for a text table: bytes in MB (10^6), the union as value and source."""
+    out = []
+    for r in rows:
+        if r["layer"] != "all":
+            continue
+        src = r["group_union_source"]
+        union = "unused" if src == "unused" else f"{r['group_union']:.2f} {src}"
+        out.append({**r, "group_union": union,
+                    "oracle_hbm_MB": r["oracle_hbm_bytes"] / 1e6, "oracle_pcie_MB": r["oracle_pcie_bytes"] / 1e6,
+                    "attn_hbm_MB": r["sim_attn_hbm_read_bytes"] / 1e6, "hbm_MB": r["sim_hbm_read_bytes"] / 1e6,
+                    "pcie_MB": r["sim_pcie_bytes"] / 1e6})
+    return out
+
+
+NOTES = {
+    "oracle_hbm_MB": "oracle_hbm_MB{pcie}: bytes the oracle read from HBM{pcie_mem} per decode step on the "
+                     "trace (the evaluated layers summed; host-memory reads are in the CSV).",
+    "attn_hbm_MB": "attn_hbm_MB: simulated HBM reads per decode step of the costed model's attention-method kernels.",
+    "hbm_MB": "hbm_MB: simulated HBM reads per decode step, every kernel (weights included).",
+    "pcie_MB": "pcie_MB: simulated PCIe bytes per decode step.",
+    "group_union": "group_union: the GQA union factor priced (1 = a KV group's query heads select identical "
+                   "tokens, G = disjoint): 'trace' = measured from the oracle's selections{mapping}, 'analytic' = "
+                   "the cost model's upper bound G, 'unused' = the cost model does not depend on it here.",
+}
+
+
+def table_note(columns, trace_group: int, model_group: int) -> str:
+    """What the MB and group_union columns among ``columns`` mean (MB = 10^6 bytes)."""
+    mapping = "" if trace_group == model_group else \
+        f" (trace G={trace_group}, mapped linearly to the model's G={model_group})"
+    pcie, pcie_mem = (" / oracle_pcie_MB", " / over PCIe") if "oracle_pcie_MB" in columns else ("", "")
+    text = " ".join(NOTES[c].format(mapping=mapping, pcie=pcie, pcie_mem=pcie_mem) for c in NOTES if c in columns)
+    return textwrap.fill(text + " MB = 10^6 bytes.", width=110, break_on_hyphens=False)
+
+
+def pareto_plot(rows: list[dict], path, title: str) -> int:
+    """Error against simulated time per token of the ``all`` rows: one panel per GPU (one figure).
+    Returns the number of panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["us_per_token"], r["rel_error"]) for r in rows if r["method"] == name and r["layer"] == "all")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("simulated time per token (us)")
-    ax.set_ylabel("relative L2 error of the attention output")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
+    gpus = list(dict.fromkeys(r["gpu"] for r in rows if r["layer"] == "all"))
+    fig, axes = plt.subplots(1, len(gpus), figsize=(7 * len(gpus), 4.5), sharey=True, squeeze=False)
+    for ax, gk in zip(axes[0], gpus):
+        for name in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["us_per_token"], r["rel_error"]) for r in rows
+                         if r["method"] == name and r["layer"] == "all" and r["gpu"] == gk)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xlabel("simulated time per token (us)")
+        ax.set_yscale("log")
+        ax.set_title(f"{title} on {gk}")
+        ax.legend()
+    axes[0][0].set_ylabel("relative L2 error of the attention output")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return len(gpus)
 
 
 def _ints(text: str) -> list[int]:
@@ -164,28 +359,48 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+TABLE_COLUMNS = ["method", "budget", "tokens_kept", "rel_error", "mass", "topk_overlap", "oracle_hbm_MB",
+                 "oracle_pcie_MB", "sim_budget", "group_union", "us_per_token", "attention_us", "attn_hbm_MB",
+                 "hbm_MB", "pcie_MB"]
+
+
+def gpus_argument(gpu: str | None, gpus: str | None) -> str:
+    """``--gpu`` (one key or a comma list) or ``--gpus`` (a comma list); not both."""
+    if gpu and gpus:
+        raise ValueError("give --gpu or --gpus, not both (either takes a comma list)")
+    return gpus or gpu or "h100-sxm"
+
+
 def cmd_evaluate(args) -> int:
     from ..cli import format_table
+    from .models import model as get_model
+    from ..traces.format import load_trace
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = _ints(args.budgets)
     layers = _ints(args.layers) if args.layers else None
     context = _ints(args.context)[0] if args.context else None
+    gpus = [g.key for g in gpu_list(gpus_argument(args.gpu, args.gpus))]
+    trace = load_trace(args.trace)
     t0 = time.perf_counter()
-    rows = evaluate(args.trace, methods, budgets, layers=layers, steps=args.steps, model=args.model, gpu=args.gpu,
+    rows = evaluate(trace, methods, budgets, layers=layers, steps=args.steps, model=args.model, gpu=gpus,
                     context=context)
-    overall = [r for r in rows if r["layer"] == "all"]
-    print(f"trace {args.trace}; cost of {args.model} on {args.gpu} at context {overall[0]['context']} "
+    overall = table_rows(rows)
+    shape = get_model(args.model).attention()
+    print(f"trace {args.trace}; cost of {args.model} on {', '.join(gpus)} at context {overall[0]['context']} "
           f"(budget scaled to the same fraction of the context)\n")
-    print(format_table(overall, ["method", "budget", "tokens_kept", "rel_error", "mass", "topk_overlap",
-                                 "sim_budget", "us_per_token", "attention_us"]))
-    print(f"\n{len(methods)} methods x {len(budgets)} budgets evaluated in {time.perf_counter() - t0:.1f} s")
+    columns = TABLE_COLUMNS[:2] + ["gpu"] * (len(gpus) > 1) + TABLE_COLUMNS[2:]
+    print(format_table(overall, columns))
+    print("\n" + table_note(columns, trace.h_q // trace.h_kv, shape.h_q // shape.h_kv))
+    print(f"\n{len(methods)} methods x {len(budgets)} budgets x {len(gpus)} GPU(s) evaluated in "
+          f"{time.perf_counter() - t0:.1f} s")
     if args.csv:
         write_csv(rows, args.csv)
-        print(f"wrote {args.csv} (per layer and overall)")
+        print(f"wrote {args.csv} (per layer and overall; per-layer rows carry one layer's attention cost, "
+              f"not the step's)")
     if args.plot:
         try:
-            pareto_plot(rows, args.plot, f"{args.model} on {args.gpu}")
-            print(f"wrote {args.plot}")
+            panels = pareto_plot(rows, args.plot, args.model)
+            print(f"wrote {args.plot} ({panels} panel(s), one per GPU)")
         except ImportError:
             print("no plot: matplotlib is not installed (pip install 'kvsparse[plot]')")
     return 0
@@ -199,8 +414,9 @@ def register(subparsers) -> None:
     p.add_argument("--layers", default=None, help="comma list of trace layers (default: all in the trace)")
     p.add_argument("--steps", type=int, default=4, help="decode positions evaluated at the end of the trace")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--gpu", default="h100-sxm")
+    p.add_argument("--gpu", default=None, help="GPU key or a comma list, each priced (default: h100-sxm)")
+    p.add_argument("--gpus", default=None, help="comma list of GPU keys (same as a comma list in --gpu)")
     p.add_argument("--context", default=None, help="context for the cost (default: the trace's length)")
     p.add_argument("--csv", default=None)
-    p.add_argument("--plot", default=None, help="Pareto plot PNG (needs the plot extra)")
+    p.add_argument("--plot", default=None, help="Pareto plot PNG, one panel per GPU (needs the plot extra)")
     p.set_defaults(func=cmd_evaluate)
