@@ -339,3 +339,83 @@ def test_empty_cache_gives_zero_output(n):
     assert np.isfinite(out.out).all()
     if n == 0:
         assert np.array_equal(out.out, np.zeros((2, 4))) and np.all(out.lse == -np.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input at the smaller entry points: RoPE, pooling, budgets, the merge
+# ---------------------------------------------------------------------------------------------
+
+def test_rope_rejects_non_finite_positions_and_bad_base():
+    x = np.ones((3, 4))
+    for bad in ([0, np.nan, 2], [0, 1, np.inf]):
+        with pytest.raises(ValueError, match=r"positions must be finite.*index \(\d,\)"):
+            core.rope_apply(x, bad)
+    for base in (0, 0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="base must be a finite number > 0"):
+            core.rope_apply(x, [0, 1, 2], base=base)
+    with pytest.raises(TypeError, match="base must be a real number"):
+        core.rope_apply(x, [0, 1, 2], base="10000")
+    with pytest.raises(TypeError, match="positions must be integers or real numbers"):
+        core.rope_apply(x, ["a", "b", "c"])
+    with pytest.raises(TypeError, match="positions must be integers or real numbers"):
+        core.rope_apply(x, [True, False, True])
+    with pytest.raises(ValueError, match="layout must be"):
+        core.rope_apply(x, [0, 1, 2], layout="gptj")
+    with pytest.raises(ValueError, match="new_positions must be finite"):
+        core.rope_rerotate(x, [0, 1, 2], [0, np.nan, 2])
+    with pytest.raises(TypeError, match="old_positions must be integers"):
+        core.rope_rerotate(x, "abc", [0, 1, 2])
+    with pytest.raises(ValueError, match="base must be"):
+        core.rope_angles([0, 1], 4, base=-2.0)
+    with pytest.raises(TypeError, match="d must be an integer"):
+        core.rope_angles([0, 1], 4.0)
+    # valid input still works, unchanged: float positions (re-rotation by a difference) included
+    assert np.allclose(core.rope_apply(x, np.array([0.0, 1.0, 2.0])), core.rope_apply(x, [0, 1, 2]))
+
+
+def test_pool1d_rejects_nan_integer_and_string_input():
+    with pytest.raises(ValueError, match=r"x contains a non-finite value .* \(1,\)"):
+        core.pool1d([1.0, np.nan, 2.0], 3)
+    with pytest.raises(ValueError, match="x contains a non-finite"):
+        core.pool1d(np.array([1.0, np.inf, 2.0]), 1)
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        core.pool1d(np.arange(5), 3)
+    with pytest.raises(TypeError, match="x must be a NumPy array"):
+        core.pool1d("abc", 3)
+    with pytest.raises(ValueError, match="x must have at least 1 dimension"):
+        core.pool1d(np.float64(2.0), 3)
+    with pytest.raises(ValueError, match="mode"):
+        core.pool1d(np.ones(3), 1, "sum")          # checked even where kernel 1 is the identity
+
+
+def test_budget_from_ratio_names_the_ratio_for_a_bad_string():
+    for bad in ("abc", "1/0", "", "nan"):
+        with pytest.raises(ValueError, match=r"ratio must be a number, Fraction or decimal string"):
+            core.budget_from_ratio(10, bad)
+    with pytest.raises(TypeError, match="ratio must be a number"):
+        core.budget_from_ratio(10, [0.5])
+    assert core.budget_from_ratio(10, "0.25") == 2 and core.budget_from_ratio(10, "1/4") == 2
+
+
+def test_merge_partials_names_the_bad_part():
+    x = make_decode_input(2, 1, 6, 4)
+    a = core.attend_indices_partial(x.q, x.k, x.v, [np.arange(3)] * 2)
+    b = core.attend_indices_partial(x.q, x.k, x.v, [np.arange(3, 6)] * 2)
+    with pytest.raises(ValueError, match=r"parts\[1\]\.out must have the shape of parts\[0\]\.out"):
+        core.merge_partials([a, core.Partial(np.zeros((3, 4)), np.zeros(3))])
+    with pytest.raises(ValueError, match=r"parts\[1\]\.out must have shape lse\.shape"):
+        core.merge_partials([a, core.Partial(b.out, np.zeros(3))])
+    with pytest.raises(ValueError, match=r"parts\[0\]\.lse must be finite or -inf"):
+        core.merge_partials([core.Partial(a.out, np.array([np.nan, 0.0])), b])
+    with pytest.raises(ValueError, match=r"parts\[1\]\.out contains a non-finite"):
+        core.merge_partials([a, core.Partial(np.full((2, 4), np.nan), b.lse)])
+    with pytest.raises(TypeError, match=r"parts\[1\] must be a Partial"):
+        core.merge_partials([a, (b.out, b.lse)])
+    with pytest.raises(TypeError, match="parts must be an iterable of Partial"):
+        core.merge_partials(a)
+    with pytest.raises(ValueError, match="at least one Partial"):
+        core.merge_partials([])
+    # valid input: the merge is unchanged (an empty part, lse = -inf, carries weight 0)
+    empty = core.attend_indices_partial(x.q, x.k, x.v, [np.array([], int)] * 2)
+    merged = core.merge_partials([a, empty, b])
+    assert np.allclose(merged.out, core.attend_dense(x.q, x.k, x.v), rtol=1e-12, atol=1e-14)

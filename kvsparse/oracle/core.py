@@ -22,10 +22,11 @@ Conventions (all explicit, all tested):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Integral, Real
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -305,17 +306,44 @@ def merge_partials(parts: Iterable[Partial]) -> Partial:
     The merge equals attention over the union only when the parts are disjoint: that is the caller's
     contract (see ``check_disjoint``).
     """
-    parts = list(parts)
-    if not parts:
-        raise ValueError("parts must contain at least one Partial")
-    lses = np.stack([np.asarray(p.lse, dtype=np.float64) for p in parts])   # [P, ...]
-    outs = np.stack([np.asarray(p.out, dtype=np.float64) for p in parts])   # [P, ..., d]
+    parts = check_partials(parts)
+    lses = np.stack([p.lse for p in parts])   # [P, ...]
+    outs = np.stack([p.out for p in parts])   # [P, ..., d]
     total = log_sum_exp(lses, axis=0)
     safe_total = np.where(np.isfinite(total), total, 0.0)
     with np.errstate(invalid="ignore"):
         w = np.where(np.isfinite(lses), np.exp(lses - safe_total), 0.0)
     out = np.sum(w[..., None] * outs, axis=0)
     return Partial(out, total)
+
+
+def check_partials(parts, name: str = "parts") -> list[Partial]:
+    """Validate partial attentions for a merge: float64 copies, or an error naming ``parts[j]``.
+
+    Every part needs an ``out [..., d]`` (finite) and an ``lse [...]`` (``-inf`` allowed: an empty part;
+    NaN and ``+inf`` are not), with the same shapes in every part.
+    """
+    if isinstance(parts, Partial) or not isinstance(parts, Iterable) or isinstance(parts, (str, bytes)):
+        raise TypeError(f"{name} must be an iterable of Partial, got {type(parts).__name__}")
+    parts = list(parts)
+    if not parts:
+        raise ValueError(f"{name} must contain at least one Partial")
+    checked = []
+    for j, p in enumerate(parts):
+        if not (hasattr(p, "out") and hasattr(p, "lse")):
+            raise TypeError(f"{name}[{j}] must be a Partial (with .out and .lse), got {type(p).__name__}")
+        out = as_float64(p.out, f"{name}[{j}].out")
+        lse = as_float64(p.lse, f"{name}[{j}].lse", allow_nonfinite=True)
+        if np.isnan(lse).any() or (lse == np.inf).any():
+            raise ValueError(f"{name}[{j}].lse must be finite or -inf (an empty part), got NaN or +inf")
+        if out.ndim < 1 or out.shape[:-1] != lse.shape:
+            raise ValueError(f"{name}[{j}].out must have shape lse.shape + (d,) = {lse.shape} + (d,), "
+                             f"got out {out.shape}")
+        if j and (out.shape != checked[0].out.shape):
+            raise ValueError(f"{name}[{j}].out must have the shape of {name}[0].out {checked[0].out.shape}, "
+                             f"got {out.shape}")
+        checked.append(Partial(out, lse))
+    return checked
 
 
 def check_disjoint(index_sets: Sequence[Sequence[int]], name: str = "index sets") -> None:
@@ -417,7 +445,11 @@ def exact_ratio(ratio) -> Fraction:
             raise ValueError(f"ratio must be finite, got {ratio!r}")
         r = Fraction(repr(float(ratio)))
     elif isinstance(ratio, str):
-        r = Fraction(ratio)
+        try:
+            r = Fraction(ratio)
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"ratio must be a number, Fraction or decimal string such as '0.25' or '1/4', "
+                             f"got {ratio!r} ({exc})") from None
     else:
         raise TypeError(f"ratio must be a number, Fraction or decimal string, got {type(ratio).__name__}")
     if r < 0 or r > 1:
@@ -455,13 +487,36 @@ def check_budget(budget, name: str = "budget") -> int:
 # RoPE
 # --------------------------------------------------------------------------------------------
 
+def check_rope_positions(positions, name: str = "positions") -> np.ndarray:
+    """RoPE positions as float64: integers or finite reals; bool/str/complex are a ``TypeError``."""
+    pos = np.asarray(positions)
+    if pos.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be integers or real numbers, got dtype {pos.dtype}")
+    pos = pos.astype(np.float64)
+    if not np.isfinite(pos).all():
+        raise ValueError(f"{name} must be finite, got a NaN or inf at index "
+                         f"{tuple(int(i) for i in np.argwhere(~np.isfinite(pos))[0])}")
+    return pos
+
+
+def check_rope_base(base) -> float:
+    """The RoPE base: a finite number ``> 0``."""
+    if isinstance(base, bool) or not isinstance(base, Real):
+        raise TypeError(f"base must be a real number, got {type(base).__name__} {base!r}")
+    if not math.isfinite(base) or base <= 0:
+        raise ValueError(f"base must be a finite number > 0, got {base!r}")
+    return float(base)
+
+
 def rope_angles(positions, d: int, base: float = 10000.0) -> np.ndarray:
     """``[len(positions), d/2]`` angles ``pos * base^(-2i/d)``."""
+    d = check_positive_int(d, "d")
     if d % 2:
         raise ValueError(f"RoPE needs an even head dim, got d={d}")
-    pos = np.asarray(positions, dtype=np.float64)
+    pos = check_rope_positions(positions)
     if pos.ndim != 1:
         raise ValueError(f"positions must be 1-D, got shape {pos.shape}")
+    base = check_rope_base(base)
     inv_freq = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
     return pos[:, None] * inv_freq[None, :]
 
@@ -475,8 +530,10 @@ def rope_apply(x, positions, *, base: float = 10000.0, layout: str = "half") -> 
     x = as_float64(x, "x")
     if x.ndim < 2:
         raise ValueError(f"x must be [..., n, d], got shape {x.shape}")
+    if layout not in ("half", "interleaved"):
+        raise ValueError(f"layout must be 'half' or 'interleaved', got {layout!r}")
     n, d = x.shape[-2:]
-    pos = np.asarray(positions)
+    pos = check_rope_positions(positions)
     if pos.shape != (n,):
         raise ValueError(f"positions must have shape ({n},) to match x, got {pos.shape}")
     ang = rope_angles(pos, d, base)
@@ -496,8 +553,8 @@ def rope_apply(x, positions, *, base: float = 10000.0, layout: str = "half") -> 
 def rope_rerotate(x_rotated, old_positions, new_positions, *, base: float = 10000.0,
                   layout: str = "half") -> np.ndarray:
     """Move keys rotated at ``old_positions`` to ``new_positions`` (rotation by the difference)."""
-    old = np.asarray(old_positions, dtype=np.float64)
-    new = np.asarray(new_positions, dtype=np.float64)
+    old = check_rope_positions(old_positions, "old_positions")
+    new = check_rope_positions(new_positions, "new_positions")
     if old.shape != new.shape:
         raise ValueError(f"old_positions {old.shape} and new_positions {new.shape} must have the same shape")
     return rope_apply(x_rotated, new - old, base=base, layout=layout)
@@ -513,10 +570,14 @@ def pool1d(x, kernel: int, mode: str = "max") -> np.ndarray:
     ``mode="avg"`` divides each window sum by ``kernel`` (zero padding counts);
     ``mode="max"`` pads with ``-inf``. ``kernel`` must be odd; ``kernel == 1`` returns ``x``.
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = as_float64(x, "x")
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least 1 dimension (pooled along the last), got shape {x.shape}")
     kernel = check_positive_int(kernel, "kernel")
     if kernel % 2 == 0:
         raise ValueError(f"kernel must be odd (centred pooling), got {kernel}")
+    if mode not in ("avg", "max"):
+        raise ValueError(f"mode must be 'avg' or 'max', got {mode!r}")
     if kernel == 1:
         return x.copy()
     pad = kernel // 2

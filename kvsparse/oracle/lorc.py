@@ -112,6 +112,8 @@ class LowRankKV:
     def rebuild(self, x, positions=None, *, rope_base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
         """The cache ``[H_kv, n, d]`` as attention reads it; keys rotated at ``positions`` if given."""
         x = core.as_float64(x, "x", ndim=2)
+        if x.shape[1] != self.a_k.shape[0]:
+            raise ValueError(f"x must be [n, hidden={self.a_k.shape[0]}] to match the factors, got {x.shape}")
         n = x.shape[0]
         k = ((x @ self.a_k) @ self.b_k).reshape(n, self.h_kv, self.d).transpose(1, 0, 2)
         v = ((x @ self.a_v) @ self.b_v).reshape(n, self.h_kv, self.d).transpose(1, 0, 2)
@@ -160,6 +162,8 @@ class LoRC(Method):
     def decode(self, factors: LowRankKV, q, x, positions, *, scale: float | None = None,
                layout: Layout = Layout()) -> StepResult:
         """One step from the latent of hidden states ``x [n, hidden]`` (``q`` already rotated)."""
+        if not isinstance(factors, LowRankKV):
+            raise TypeError(f"factors must be LowRankKV, got {type(factors).__name__}")
         k, v = factors.rebuild(x, positions, rope_base=self.rope_base)
         out = core.attend_dense(q, k, v, scale=scale)
         n = k.shape[1]

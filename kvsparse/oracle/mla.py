@@ -198,6 +198,8 @@ class MLA(Method):
         return Traffic({("hbm", "keys"): n * kel * bits // 8, ("hbm", "values"): n * vel * bits // 8}, layout)
 
     def check_weights(self, weights: MLAWeights) -> None:
+        if not isinstance(weights, MLAWeights):
+            raise TypeError(f"weights must be MLAWeights, got {type(weights).__name__}")
         want = (self.heads, self.nope_dim, self.latent_dim), (self.heads, self.v_dim, self.latent_dim)
         if (weights.w_uk.shape, weights.w_uv.shape) != want:
             raise ValueError(f"weights must have w_uk {want[0]} and w_uv {want[1]}, got "

@@ -76,6 +76,15 @@ class Selection:
             m[h, ix] = True
         return m
 
+    def dense_weights(self) -> np.ndarray | None:
+        """``[H_q, n]`` weights (0 outside the sets), or ``None`` for a plain (unweighted) selection."""
+        if self.weights is None:
+            return None
+        w = np.zeros((self.h_q, self.n))
+        for h, (ix, wh) in enumerate(zip(self.indices, self.weights)):
+            w[h, ix] = wh
+        return w
+
     def kv_union(self, h_kv: int) -> list[np.ndarray]:
         """Per KV head, the union of its query heads' index sets (what a shared-KV kernel loads)."""
         g = core.group_size(self.h_q, h_kv)

@@ -41,15 +41,18 @@ class KernelSuiteItem(pytest.Item):
 
     def runtest(self):
         from . import validate
-        kernel = validate.load_callable(self.kernel_spec)
         kw = {} if self.examples is None else {"examples": self.examples}
-        report, path = validate.validate(self.method, kernel, params=self.params, dtype=self.dtype, **kw)
+        try:
+            kernel = validate.load_callable(self.kernel_spec)
+            report, path = validate.validate(self.method, kernel, params=self.params, dtype=self.dtype, **kw)
+        except (ValueError, TypeError) as exc:   # usage: unknown method, unimportable kernel, bad params
+            raise KernelSuiteUsageError(f"kvsparse[{self.method}:{self.kernel_spec}]: usage error: {exc}") from exc
         if not report.ok:
             where = f"\nfailing input saved to {path}" if path else ""
             raise KernelSuiteFailure(f"{report}{where}")
 
     def repr_failure(self, excinfo):
-        if isinstance(excinfo.value, KernelSuiteFailure):
+        if isinstance(excinfo.value, (KernelSuiteFailure, KernelSuiteUsageError)):
             return str(excinfo.value)
         return super().repr_failure(excinfo)
 
@@ -59,6 +62,10 @@ class KernelSuiteItem(pytest.Item):
 
 class KernelSuiteFailure(AssertionError):
     pass
+
+
+class KernelSuiteUsageError(Exception):
+    """The item could not run the suite (not a bug found in the kernel): reported without a traceback."""
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -126,8 +126,26 @@ class KernelStep:
     weights: tuple[np.ndarray, ...] | None = None
 
 
+def to_numpy(x) -> np.ndarray:
+    """A kernel's returned array as NumPy; torch tensors are converted at the boundary.
+
+    A tensor (recognised by its methods, so torch is never imported here) is detached from autograd,
+    moved to the CPU, and widened to float32 when it is a 16-bit float (NumPy has no bfloat16;
+    float16 -> float32 is exact); float32/float64/integer tensors keep their dtype.
+    """
+    if hasattr(x, "detach") and hasattr(x, "cpu") and hasattr(x, "numpy"):
+        t = x.detach()
+        if str(getattr(t, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
+            t = t.float()
+        return np.asarray(t.cpu().numpy())
+    return np.asarray(x)
+
+
 def as_kernel_step(ret, h_q: int) -> KernelStep:
-    """Normalise what a kernel returned (see the module doc) or raise ``TypeError``/``ValueError``."""
+    """Normalise what a kernel returned (see the module doc) or raise ``TypeError``/``ValueError``.
+
+    NumPy arrays, sequences, or torch tensors (any dtype, device, ``requires_grad``: ``to_numpy``).
+    """
     if isinstance(ret, KernelStep):
         return ret
     if isinstance(ret, tuple):
@@ -136,17 +154,17 @@ def as_kernel_step(ret, h_q: int) -> KernelStep:
         out, ix, w = (tuple(ret) + (None, None))[:3]
     else:
         out, ix, w = ret, None, None
-    out = np.asarray(out)
+    out = to_numpy(out)
     rows = None
     if ix is not None:
         if len(ix) != h_q:
             raise ValueError(f"indices must hold one set per query head ({h_q}), got {len(ix)}")
-        rows = tuple(np.asarray(r).ravel() for r in ix)
+        rows = tuple(to_numpy(r).ravel() for r in ix)
     wrows = None
     if w is not None:
         if rows is None or len(w) != h_q:
             raise ValueError("weights need indices and one array per query head")
-        wrows = tuple(np.asarray(r, dtype=np.float64).ravel() for r in w)
+        wrows = tuple(np.asarray(to_numpy(r), dtype=np.float64).ravel() for r in w)
     return KernelStep(out, rows, wrows)
 
 
@@ -227,7 +245,8 @@ def check_output(method: Method, got_output, q, k, v, selection: Selection, dtyp
                  scale=None) -> PropertyResult:
     """Output vs ``method.attend`` over ``selection`` on the rounded inputs, under the FA tolerance rule.
 
-    The tolerance is that of plain softmax attention over ``selection.mask()`` in ``dtype``.
+    The tolerance is that of softmax attention over ``selection.mask()`` in ``dtype`` (weighted by the
+    selection's weights where it has them).
     """
     qr, kr, vr = (tolerances.round_to(x, dtype) for x in (q, k, v))
     try:
@@ -241,9 +260,26 @@ def check_output(method: Method, got_output, q, k, v, selection: Selection, dtyp
     if got.shape != ref.shape:
         return PropertyResult("output", False, f"expected shape {ref.shape}, got {got.shape}")
     err = float(np.max(np.abs(got - ref), initial=0.0)) if np.isfinite(got).all() else math.inf
-    tol = tolerances.attention_tolerance(qr, kr, vr, dtype, mask=selection.mask(), scale=scale)
-    worst = int(np.unravel_index(np.argmax(np.abs(np.nan_to_num(got - ref, nan=np.inf))), ref.shape)[0]) if ref.size else 0
-    return PropertyResult("output", err <= tol, "" if err <= tol else f"worst query head {worst}", err, tol)
+    weights = selection.dense_weights()
+    tol = tolerances.attention_tolerance(qr, kr, vr, dtype, mask=selection.mask() if weights is None else None,
+                                         scale=scale, weights=weights)
+    if err <= tol:
+        return PropertyResult("output", True, "", err, tol)
+    return PropertyResult("output", False, _worst_row(ref, got), err, tol)
+
+
+def _worst_row(ref: np.ndarray, got: np.ndarray, width: int = 6) -> str:
+    """The query head and channel of the largest error, and a few values of its expected and got rows."""
+    if not ref.size:
+        return ""
+    h, c = np.unravel_index(np.argmax(np.abs(np.nan_to_num(got - ref, nan=np.inf))), ref.shape)
+    d = ref.shape[1]
+    lo = max(0, min(int(c) - width // 2, d - width))
+    hi = min(d, lo + width)
+    row = lambda x: ("[..., " if lo else "[") + ", ".join(f"{t:.6g}" for t in x[h, lo:hi]) + (", ...]" if hi < d else "]")
+    span = f"channels {lo}..{hi - 1}" + (f" of {d}" if (lo, hi) != (0, d) else "")
+    return (f"worst query head {h}, channel {c}: expected {ref[h, c]:.9g}, got {got[h, c]:.9g}; "
+            f"{span}: expected {row(ref)}, got {row(got)}")
 
 
 def _contract_failure(exc: BaseException) -> PropertyResult:
@@ -260,17 +296,23 @@ def check_step(method: Method, kernel: Callable, inp: DecodeInput, *, dtype: str
     """
     q, k, v = (tolerances.round_to(x, dtype) for x in (inp.q, inp.k, inp.v))
     q, k, v, _ = core.check_decode_inputs(q, k, v, scale=scale)
-    # select + attend, not step: byte counting is not under test here (and has its own limits)
-    selection = method.select(q, k, v)
+    # select + attend, not step: byte counting is not under test here (and has its own limits); a
+    # select that takes the scale (vAttention's plan reads softmax statistics) gets it
+    selection = method.select(q, k, v, scale=scale) if _takes_scale(type(method).select) else method.select(q, k, v)
     expected = StepResult(selection, method.attend(q, k, v, selection, scale=scale), None)
     np_dtype = tolerances.numpy_dtype(dtype)
     results = []
+    label = repr(inp) + _scale_label(scale)
     try:
         step = as_kernel_step(kernel(method, q.astype(np_dtype), k.astype(np_dtype), v.astype(np_dtype),
                                      positions=None, scale=scale), q.shape[0])
     except Exception as exc:  # a kernel's crash is a verdict, not a crash of the suite
-        return Verdict(repr(method), repr(inp), (_contract_failure(exc),))
-    return Verdict(repr(method), repr(inp), tuple(_judge(method, step, expected, q, k, v, dtype, scale, scores)))
+        return Verdict(repr(method), label, (_contract_failure(exc),))
+    return Verdict(repr(method), label, tuple(_judge(method, step, expected, q, k, v, dtype, scale, scores)))
+
+
+def _scale_label(scale) -> str:
+    return "" if scale is None else f", scale={scale!r}"
 
 
 def _judge(method, step, expected, q, k, v, dtype, scale, scores):
@@ -313,7 +355,9 @@ def check_decode(method, kernel, q_seq, k_seq, v_seq, *, prefill_len: int, dtype
     from ..oracle.method import check_sequence
     q_seq, k_seq, v_seq = (tolerances.round_to(x, dtype) for x in check_sequence(q_seq, k_seq, v_seq))
     np_dtype = tolerances.numpy_dtype(dtype)
-    label = label or f"sequence T={q_seq.shape[0]}, H_q={q_seq.shape[1]}, H_kv={k_seq.shape[1]}, d={q_seq.shape[2]}, prefill {prefill_len}"
+    core.check_scale(scale)
+    label = (label or f"sequence T={q_seq.shape[0]}, H_q={q_seq.shape[1]}, H_kv={k_seq.shape[1]}, d={q_seq.shape[2]}, "
+                      f"prefill {prefill_len}") + _scale_label(scale)
     state = method.prefill(q_seq[:prefill_len], k_seq[:prefill_len], v_seq[:prefill_len])
     try:
         kstate = kernel.prefill(method, *(x[:prefill_len].astype(np_dtype) for x in (q_seq, k_seq, v_seq)))
@@ -391,13 +435,38 @@ class MethodSuite:
         return run_suite(self, kernel, **kwargs)
 
 
+def softmax_scales(d: int):
+    """The softmax scale a suite passes to the kernel: ``None`` (the default ``1/sqrt(d)``) most of the
+    time, sometimes an explicit float (``0.5/sqrt(d)``, ``2/sqrt(d)``, ``1.0``, ``1.3``). Shrinks to None."""
+    explicit = (0.5 / math.sqrt(d), 2.0 / math.sqrt(d), 1.0, 1.3)
+    return st.integers(0, 9).map(lambda i: None if i < 6 else explicit[i - 6])
+
+
+def _takes_scale(fn) -> bool:
+    import inspect
+    try:
+        return "scale" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def decode_takes_scale(method) -> bool:
+    """Whether a stateful oracle's ``decode`` takes ``scale``. When it does not, its selection (H2O's and
+    CORM's accumulated attention, for instance) is defined at the default scale, so an explicit scale
+    cannot be judged: such suites keep ``scale=None``."""
+    return _takes_scale(getattr(type(method), "decode", None))
+
+
 def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "float32", max_examples: int | None = None,
               settings: hyp_settings | None = None, examples=(), seed: int | None = None) -> SuiteReport:
-    """Hypothesis-driven: draw inputs and hyper-parameters, check, shrink a failure to a minimal input.
+    """Hypothesis-driven: draw inputs, hyper-parameters and the softmax scale, check, shrink a failure.
 
     ``examples`` are explicit ``(method, DecodeInput)`` pairs (or ``(method, sequence)`` for stateful
-    methods) always checked first. The active hypothesis profile applies unless ``settings`` is given;
-    ``seed`` fixes hypothesis's random seed (a reproducible non-derandomized run).
+    methods), optionally with a third item, the scale, always checked first. The active hypothesis
+    profile applies unless ``settings`` is given; ``seed`` fixes hypothesis's random seed (a
+    reproducible non-derandomized run). The scale is drawn by ``softmax_scales`` (stateless methods,
+    and stateful ones whose oracle ``decode`` takes a scale: ``decode_takes_scale``), so a kernel
+    that ignores ``scale`` is caught.
     """
     if isinstance(suite, str):
         entry = registry.get(suite)
@@ -408,17 +477,17 @@ def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "flo
     report = SuiteReport(suite.name, f"{getattr(kernel, '__module__', '')}.{name}", dtype)
     last: list[Verdict] = []
 
-    def one(method, payload) -> Verdict:
+    def one(method, payload, scale=None) -> Verdict:
         report.examples += 1
         if suite.sequences is not None:
             q_seq, k_seq, v_seq, prefill = payload
             verdicts = check_decode(method, kernel, q_seq, k_seq, v_seq, prefill_len=prefill, dtype=dtype,
-                                    scores=suite.scores)
+                                    scale=scale, scores=suite.scores)
             return next((v for v in verdicts if not v.ok), verdicts[-1])
-        return check_step(method, kernel, payload, dtype=dtype, scores=suite.scores)
+        return check_step(method, kernel, payload, dtype=dtype, scale=scale, scores=suite.scores)
 
-    for method, payload in examples:
-        verdict = one(method, payload)
+    for example in examples:
+        verdict = one(*example)
         if not verdict.ok:
             report.failure = verdict
             return report
@@ -429,12 +498,14 @@ def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "flo
             seq = draw(suite.sequences)
             q_seq, k_seq = seq[0], seq[1]
             shapes = core.DecodeShapes(q_seq.shape[1], k_seq.shape[1], q_seq.shape[0], q_seq.shape[2])
-            return draw(suite.methods(shapes)), seq
+            method = draw(suite.methods(shapes))
+            scale = draw(softmax_scales(shapes.d)) if decode_takes_scale(method) else None
+            return method, seq, scale
     else:
         @st.composite
         def cases(draw):
             inp = draw(suite.inputs if suite.inputs is not None else decode_inputs(max_n=200))
-            return draw(suite.methods(inp.shapes)), inp
+            return draw(suite.methods(inp.shapes)), inp, draw(softmax_scales(inp.shapes.d))
 
     @given(cases())
     def prop(case):
@@ -448,9 +519,6 @@ def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "flo
         prop = settings(prop)
     elif max_examples is not None:
         prop = hyp_settings(max_examples=max_examples)(prop)
-    if seed is not None:
-        from hypothesis import seed as hyp_seed
-        prop = hyp_seed(seed)(prop)
     try:
         prop()
     except AssertionError:

@@ -73,9 +73,28 @@ def round_to(x, dtype: str) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).astype(numpy_dtype(dtype)).astype(np.float64)
 
 
-def naive_attention(q, k, v, dtype: str, *, mask=None, scale: float | None = None) -> np.ndarray:
-    """Attention done naively in ``dtype`` (see module doc); ``mask [H_q, n]`` limits the keys."""
+def _weights_and_mask(weights, mask, h_q: int, n: int):
+    """``weights [H_q, n]`` (estimators: each ``exp(logit)`` is multiplied by its weight; 0 = not attended)
+    checked, and the mask they imply; or ``(None, mask)``."""
+    if weights is None:
+        return None, mask
+    w = core.as_float64(weights, "weights")
+    if w.shape != (h_q, n) or (w < 0).any():
+        raise ValueError(f"weights must be non-negative [H_q={h_q}, n={n}], got shape {w.shape}")
+    implied = w > 0
+    if mask is not None and (np.asarray(mask, dtype=bool) != implied).any():
+        raise ValueError("mask must be where weights > 0 when both are given")
+    return w, implied
+
+
+def naive_attention(q, k, v, dtype: str, *, mask=None, scale: float | None = None, weights=None) -> np.ndarray:
+    """Attention done naively in ``dtype`` (see module doc); ``mask [H_q, n]`` limits the keys.
+
+    ``weights [H_q, n]`` (rounded to ``dtype``) multiply the float32 exponentials before normalising,
+    as an estimator's kernel written naively would.
+    """
     q, k, v, sh = core.check_decode_inputs(q, k, v, scale=scale)
+    weights, mask = _weights_and_mask(weights, mask, sh.h_q, sh.n)
     qr, kr, vr = (round_to(x, dtype) for x in (q, k, v))
     s_scale = np.float32(core.default_scale(sh.d) if scale is None else scale)
     s32 = np.einsum("hgd,hnd->hgn", qr.reshape(sh.h_kv, sh.group, sh.d).astype(np.float32),
@@ -83,40 +102,60 @@ def naive_attention(q, k, v, dtype: str, *, mask=None, scale: float | None = Non
     s = round_to(s32, dtype)
     if mask is not None:
         s = np.where(mask, s, -np.inf)
-    p = round_to(core.softmax(s.astype(np.float32).astype(np.float64)).astype(np.float32), dtype)
+    if weights is None:
+        p = round_to(core.softmax(s.astype(np.float32).astype(np.float64)).astype(np.float32), dtype)
+    else:
+        s32 = s.astype(np.float32)
+        top = np.max(s32, axis=1, keepdims=True, initial=-np.inf)
+        with np.errstate(invalid="ignore"):
+            e = np.exp(s32 - np.where(np.isfinite(top), top, 0)) * round_to(weights, dtype).astype(np.float32)
+        tot = e.sum(axis=1, keepdims=True, dtype=np.float32)
+        p = round_to(np.divide(e, tot, out=np.zeros_like(e), where=tot > 0), dtype)
     out32 = np.einsum("hgn,hnd->hgd", p.reshape(sh.h_kv, sh.group, sh.n).astype(np.float32),
                       vr.astype(np.float32)).reshape(sh.h_q, sh.d)
     return round_to(out32, dtype)
 
 
-def reference_on_rounded(q, k, v, dtype: str, *, mask=None, scale: float | None = None) -> np.ndarray:
-    """The float64 oracle on inputs rounded to ``dtype``."""
+def reference_on_rounded(q, k, v, dtype: str, *, mask=None, scale: float | None = None, weights=None) -> np.ndarray:
+    """The float64 oracle on inputs rounded to ``dtype`` (weights, if any, as given)."""
     qr, kr, vr = (round_to(core.as_float64(x, name), dtype) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    if weights is not None:
+        w, _ = _weights_and_mask(weights, mask, qr.shape[0], kr.shape[1])
+        rows = [np.flatnonzero(wh > 0) for wh in w]
+        return core.attend_indices(qr, kr, vr, rows, [wh[r] for wh, r in zip(w, rows)], scale=scale)
     if mask is None:
         return core.attend_dense(qr, kr, vr, scale=scale)
     return core.attend_mask(qr, kr, vr, np.asarray(mask, dtype=bool), scale=scale)
 
 
 def attention_tolerance(q, k, v, dtype: str, *, mask=None, scale: float | None = None,
-                        multiple: float = DEFAULT_MULTIPLE) -> float:
-    """Largest max-abs error allowed for a ``dtype`` kernel computing this attention."""
+                        multiple: float = DEFAULT_MULTIPLE, weights=None) -> float:
+    """Largest max-abs error allowed for a ``dtype`` kernel computing this attention.
+
+    ``weights [H_q, n]``: an estimator's attention (``sum w_j e^{s_j} v_j / sum w_j e^{s_j}``); the rule
+    is the same with the weighted probabilities.
+    """
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1 (a kernel may not be held to better than naive), got {multiple}")
-    ref = reference_on_rounded(q, k, v, dtype, mask=mask, scale=scale)
-    naive = naive_attention(q, k, v, dtype, mask=mask, scale=scale)
+    ref = reference_on_rounded(q, k, v, dtype, mask=mask, scale=scale, weights=weights)
+    naive = naive_attention(q, k, v, dtype, mask=mask, scale=scale, weights=weights)
     realized = float(np.max(np.abs(naive - ref), initial=0.0))
-    accumulation = first_order_error(q, k, v, dtype, ref, mask=mask, scale=scale)
+    accumulation = first_order_error(q, k, v, dtype, ref, mask=mask, scale=scale, weights=weights)
     return multiple * max(realized, accumulation) + dtype_eps(dtype) * float(np.max(np.abs(ref), initial=0.0))
 
 
-def first_order_error(q, k, v, dtype: str, ref, *, mask=None, scale: float | None = None) -> float:
+def first_order_error(q, k, v, dtype: str, ref, *, mask=None, scale: float | None = None, weights=None) -> float:
     """Max over heads and channels of the first-order accumulation error scale (see the module doc)."""
     q, k, v, sh = core.check_decode_inputs(*(round_to(x, dtype) for x in (q, k, v)), scale=scale)
     if sh.n == 0:
         return 0.0
+    weights, mask = _weights_and_mask(weights, mask, sh.h_q, sh.n)
     s = core.logits(q, k, scale)
     if mask is not None:
         s = np.where(mask, s, -np.inf)
+    if weights is not None:      # weighted probabilities: softmax of s + log w
+        with np.errstate(divide="ignore"):
+            s = np.where(mask, s + np.log(np.where(mask, weights, 1.0)), -np.inf)
     p = core.softmax(s).reshape(sh.h_kv, sh.group, sh.n)
     s_scale = core.default_scale(sh.d) if scale is None else scale
     a = np.einsum("hgd,hnd->hgn", np.abs(q).reshape(sh.h_kv, sh.group, sh.d), np.abs(k)) * s_scale

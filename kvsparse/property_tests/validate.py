@@ -19,8 +19,10 @@ the method has no score band). A kernel may name the preset it implements (``ker
 as the kvpress adapters do): it is used when no ``--preset`` is given (``--params`` then override its fields).
 
 On a failure, the smallest failing input hypothesis found is saved (``.npz``: the exact arrays the
-kernel was called with, the method's hyper-parameters and the dtype) and can be re-run with
-``--replay FILE``. Exit status: 0 pass, 1 a bug was found, 2 usage error.
+kernel was called with, the softmax scale, the method's hyper-parameters, nested methods as
+``{"class", "method", "params"}``, and the dtype) and can be re-run with ``--replay FILE`` for the
+method it was saved for. Exit status: 0 pass, 1 a bug was found, 2 usage error (including a kernel
+module that cannot be imported: a syntax error, or an exception raised at import).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import importlib.util
 import json
 import sys
 import time
+import traceback
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,13 +59,21 @@ def load_callable(spec: str) -> Callable:
             raise ValueError(f"kernel file {mod_name!r} does not exist")
         spec_ = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec_)
+        previous = sys.modules.get(path.stem)
         sys.modules[path.stem] = module
-        spec_.loader.exec_module(module)
+        try:
+            spec_.loader.exec_module(module)
+        except Exception as exc:    # a syntax error or a raise at import: the user's file, not a bug found
+            if previous is None:
+                sys.modules.pop(path.stem, None)
+            else:
+                sys.modules[path.stem] = previous
+            raise ValueError(f"cannot import kernel file {mod_name!r}: {_import_failure(exc)}") from exc
     else:
         try:
             module = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import kernel module {mod_name!r}: {exc}") from exc
+        except Exception as exc:
+            raise ValueError(f"cannot import kernel module {mod_name!r}: {_import_failure(exc)}") from exc
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -70,6 +82,17 @@ def load_callable(spec: str) -> Callable:
     if not callable(obj):
         raise ValueError(f"{spec!r} is not callable")
     return obj
+
+
+def _import_failure(exc: BaseException) -> str:
+    """``SyntaxError: invalid syntax (file.py, line 3)`` or ``RuntimeError: boom (raised at file.py, line 7)``."""
+    if isinstance(exc, SyntaxError):
+        where = f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
+        return f"{type(exc).__name__}: {exc.msg}{where}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "importlib" not in f.filename and "<frozen" not in f.filename]
+    where = f" (raised at {user[-1].filename}, line {user[-1].lineno})" if user else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def fixed_method(name: str, preset: str = "canonical", params: dict | None = None):
@@ -98,27 +121,69 @@ class Recorder:
             self.decode = self._decode
 
     def __call__(self, method, q, k, v, **kw):
-        self.last = {"kind": "step", "method": method, "q": q, "k": k, "v": v}
+        self.last = {"kind": "step", "method": method, "q": q, "k": k, "v": v, "scale": kw.get("scale")}
         return self.kernel(method, q, k, v, **kw)
 
     def _prefill(self, method, q, k, v):
-        self.last = {"kind": "decode", "method": method, "q": [q], "k": [k], "v": [v], "prefill_len": q.shape[0]}
+        self.last = {"kind": "decode", "method": method, "q": [q], "k": [k], "v": [v], "prefill_len": q.shape[0],
+                     "scale": None}
         return self.kernel.prefill(method, q, k, v)
 
     def _decode(self, method, state, q, k_new, v_new, **kw):
         for key, x in (("q", q), ("k", k_new), ("v", v_new)):
             self.last[key].append(x[None])
+        self.last["scale"] = kw.get("scale")
         return self.kernel.decode(method, state, q, k_new, v_new, **kw)
 
 
 def method_params(method) -> dict:
-    out = {}
-    for f in dataclasses.fields(method):
-        val = getattr(method, f.name)
-        if isinstance(val, np.ndarray):
-            val = val.tolist()
-        out[f.name] = val
-    return out
+    """A method's hyper-parameters as JSON-ready values (``params_from_json`` inverts it exactly).
+
+    A nested Method (Twilight's ``base``) is ``{"class", "method", "params"}``; tuples are lists;
+    NumPy arrays are ``{"ndarray", "dtype"}``; Fractions ``{"fraction": "p/q"}``.
+    """
+    return {f.name: _encode_param(getattr(method, f.name)) for f in dataclasses.fields(method) if f.init}
+
+
+def _encode_param(val):
+    from ..oracle.method import Method
+    if isinstance(val, Method):
+        return {"class": type(val).__name__, "method": val.name, "params": method_params(val)}
+    if isinstance(val, np.ndarray):
+        return {"ndarray": val.tolist(), "dtype": str(val.dtype)}
+    if isinstance(val, (tuple, list)):
+        return [_encode_param(x) for x in val]
+    if isinstance(val, Fraction):
+        return {"fraction": str(val)}
+    if isinstance(val, np.generic):
+        return val.item()
+    return val
+
+
+def params_from_json(params: dict, where: str = "params") -> dict:
+    """Inverse of ``method_params``: lists back to tuples, nested methods rebuilt from their registry class."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{where} must be a JSON object of hyper-parameters, got {type(params).__name__}")
+    return {key: _decode_param(val, f"{where}.{key}") for key, val in params.items()}
+
+
+def _decode_param(val, where: str):
+    if isinstance(val, list):
+        return tuple(_decode_param(x, f"{where}[{i}]") for i, x in enumerate(val))
+    if isinstance(val, dict):
+        if set(val) == {"class", "method", "params"}:
+            entry = registry.get(val["method"])
+            cls = entry.oracle
+            if cls is None or cls.__name__ != val["class"]:
+                raise ValueError(f"{where}: method {val['method']!r} has oracle class "
+                                 f"{getattr(cls, '__name__', None)!r}, not {val['class']!r}")
+            return cls(**params_from_json(val["params"], f"{where}.params"))
+        if set(val) == {"ndarray", "dtype"}:
+            return np.asarray(val["ndarray"], dtype=val["dtype"])
+        if set(val) == {"fraction"}:
+            return Fraction(val["fraction"])
+        raise ValueError(f"{where}: unrecognised encoded value {val!r}")
+    return val
 
 
 def save_failure(path, name: str, dtype: str, recorder: Recorder, verdict, extra: dict | None = None) -> Path:
@@ -126,7 +191,7 @@ def save_failure(path, name: str, dtype: str, recorder: Recorder, verdict, extra
     last = recorder.last
     arrays = {key: (np.concatenate(last[key]) if last["kind"] == "decode" else last[key]) for key in ("q", "k", "v")}
     meta = {"method": name, "class": type(last["method"]).__name__, "params": method_params(last["method"]),
-            "dtype": dtype, "kind": last["kind"], "prefill_len": last.get("prefill_len"),
+            "dtype": dtype, "kind": last["kind"], "prefill_len": last.get("prefill_len"), "scale": last.get("scale"),
             "verdict": str(verdict), **(extra or {})}
     path = Path(path)
     with open(path, "wb") as fh:
@@ -135,27 +200,55 @@ def save_failure(path, name: str, dtype: str, recorder: Recorder, verdict, extra
     return path
 
 
-def replay(path, kernel: Callable):
-    """Re-run a saved failing input on ``kernel``; returns the Verdict (or the list for a decode)."""
+def load_failure(path):
+    """``(meta, q, k, v)`` of a saved failure file, or ``ValueError``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             q, k, v = z["q"], z["k"], z["v"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError) as exc:
         raise ValueError(f"{path}: not a kvsparse failure file ({exc})") from exc
-    base = registry.oracle(meta["method"])
-    params = {key: (np.asarray(val) if isinstance(getattr(base, key, None), (np.ndarray, type(None))) else tuple(val))
-              if isinstance(val, list) else val for key, val in meta["params"].items()}
-    method = fixed_method(meta["method"], params=params)
+    if not isinstance(meta, dict) or not {"method", "params", "dtype", "kind"} <= set(meta):
+        raise ValueError(f"{path}: not a kvsparse failure file (metadata lacks method/params/dtype/kind)")
+    return meta, q, k, v
+
+
+def saved_method(meta: dict, where: str = "failure file"):
+    """The exact method instance a failure file was saved with (nested methods rebuilt)."""
+    name = meta["method"]
+    cls = type(registry.oracle(name))
+    if meta.get("class", cls.__name__) != cls.__name__:
+        raise ValueError(f"{where}: saved class {meta['class']!r} is not {name!r}'s oracle {cls.__name__}")
+    params = meta["params"]
+    for key, val in params.items():
+        default = getattr(registry.oracle(name), key, None)
+        if isinstance(val, str) and hasattr(default, "select"):
+            raise ValueError(f"{where}: the nested method {key!r} was saved as text ({val[:60]!r}...) by an older "
+                             "kvsparse and cannot be rebuilt; re-run the search to save it again")
+    return fixed_method(name, params=params_from_json(params, f"{where} params"))
+
+
+def replay(path, kernel: Callable, method_name: str | None = None):
+    """Re-run a saved failing input on ``kernel``; returns the Verdict (or the list for a decode).
+
+    ``method_name`` (the command line's METHOD) must be the method the file was saved for.
+    """
+    meta, q, k, v = load_failure(path)
+    if method_name is not None and method_name != meta["method"]:
+        raise ValueError(f"{path} is a failing input of method {meta['method']!r}, not {method_name!r}: "
+                         f"re-run it with `kvsparse validate {meta['method']} ... --replay {path}`")
+    method = saved_method(meta, str(path))
     if meta["method"] == SAMPLER_METHOD:
         from . import vattention as va
         return va.check_sampler(method, kernel, q, k, v, calls=meta["calls"], alpha=meta["alpha"],
                                 seed=meta["rng_seed"], dtype=meta["dtype"])
     scores = getattr(registry.get(meta["method"]).suite, "scores", None)   # none: generic stateful check
+    scale = meta.get("scale")     # the softmax scale the kernel was called with (None: 1/sqrt(d))
     if meta["kind"] == "decode":
         return suites.check_decode(method, kernel, q, k, v, prefill_len=meta["prefill_len"], dtype=meta["dtype"],
-                                   scores=scores)
-    return suites.check_step(method, kernel, DecodeInput(q, k, v, "replay", 0), dtype=meta["dtype"], scores=scores)
+                                   scale=scale, scores=scores)
+    return suites.check_step(method, kernel, DecodeInput(q, k, v, "replay", 0), dtype=meta["dtype"], scale=scale,
+                             scores=scores)
 
 
 SAMPLER_METHOD = "vattention"        # randomized: checked statistically (validate_sampler)
@@ -299,7 +392,10 @@ def cmd_validate(args) -> int:
         if params is not None and not isinstance(params, dict):
             raise ValueError(f"--params must be a JSON object, got {args.params!r}")
         if args.replay:
-            verdict = replay(args.replay, kernel)
+            if params is not None or args.preset is not None:
+                raise ValueError("--params and --preset cannot be combined with --replay: the failure file "
+                                 "stores the hyper-parameters it was found with")
+            verdict = replay(args.replay, kernel, args.method)
             verdicts = verdict if isinstance(verdict, list) else [verdict]
             bad = next((v for v in verdicts if not v.ok), None)
             print(bad if bad else verdicts[-1])
