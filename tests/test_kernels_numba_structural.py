@@ -1,5 +1,6 @@
 """Numba kernels of the structural methods against their oracles, by the FlashAttention tolerance rule
-(``property_tests/tolerances.py``): absorbed MLA decode, dequantize-on-read attention, head-masked attention."""
+(``property_tests/tolerances.py``): absorbed MLA decode, dequantize-on-read attention (over every
+composable base), head-masked attention, CLA over the producer's cache, LoRC from its latents."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,14 +10,20 @@ import pytest
 from hypothesis import given, strategies as st
 
 from kvsparse import registry
+from kvsparse.oracle import core
+from kvsparse.kernels.numba.cla import cla, cla_decode_layers
 from kvsparse.kernels.numba.deja_vu import deja_vu, head_masked_attention
 from kvsparse.kernels.numba.kv_quant import kv_quant
+from kvsparse.kernels.numba.lorc import lorc, lorc_attention
 from kvsparse.kernels.numba.mla import mla, mla_decode
+from kvsparse.oracle.cla import CLA, decode_layers
 from kvsparse.oracle.deja_vu import DejaVu
 from kvsparse.oracle.kv_quant import KVQuant
+from kvsparse.oracle.lorc import LoRC, LowRankKV
 from kvsparse.oracle.mla import MLA, absorbed_view, random_weights
 from kvsparse.property_tests.strategies import decode_inputs
-from kvsparse.property_tests.tolerances import check_attention_output, round_to
+from kvsparse.property_tests.tolerances import (ToleranceCheck, attention_tolerance, check_attention_output, dtype_eps,
+                                                reference_on_rounded, round_to)
 
 DTYPES = ["float32", "float64"]
 
@@ -64,10 +71,46 @@ def test_mla_up_projection_and_empty_cache():
 
 
 def quant_bases():
-    bases = [None, dataclasses.replace(registry.oracle("quest"), token_budget=24, page_size=4)]
-    if "sliding_window" in registry.entries() and registry.get("sliding_window").oracle is not None:
-        bases.append(registry.oracle("sliding_window"))
-    return bases
+    """Dense and every stateless base a quantized cache composes with, at small budgets."""
+    from kvsparse.oracle.twilight import Twilight
+    small = {"quest": dict(token_budget=24, page_size=4), "sliding_window": dict(window=12),
+             "bigbird": dict(block_size=4), "longformer": dict(window=8), "double_sparsity": dict(r=2, token_budget=10),
+             "sparq": dict(k=6), "retrieval_attention": dict(sinks=2, window=8, top_k=5),
+             "vattention": dict(sinks=2, local=4, heavy=4), "deja_vu": dict(), "cla": dict(layer=1)}
+    bases = [None] + [dataclasses.replace(registry.oracle(name), **kw) for name, kw in small.items()]
+    return bases + [Twilight(base=bases[1])]
+
+
+def check_quantized_step(got, m, q, k, v, dtype):
+    """The kernel's output against the composed oracle on the dequantized cache, by the tolerance rule:
+    attention over the selection (with the estimator's weights, if any); for SparQ the mix
+    ``alpha * y + (1 - alpha) * mean(V)``, whose error is alpha times y's plus its own roundings."""
+    sel = m.select(q, k, v, positions=np.arange(k.shape[1]))   # the base's choice on the dequantized cache
+    kh, vh = m.dequantized(k, v)
+    weights = None
+    if sel.weights is not None:
+        weights = np.zeros((sel.h_q, sel.n))
+        for h, (ix, w) in enumerate(zip(sel.indices, sel.weights)):
+            weights[h, ix] = w
+    mask = sel.mask() if weights is None else None
+    ref = reference_on_rounded(q, kh, vh, dtype, mask=mask, weights=weights)
+    tol = attention_tolerance(q, kh, vh, dtype, mask=mask, weights=weights)
+    if m.base is not None and m.base.name == "sparq" and m.base.reallocate:
+        approx = m.base.approximate(q, kh)
+        if not approx.dense:
+            alpha = m.base.alpha(approx)[:, None]
+            mean_v = core.expand_kv(vh.mean(axis=1), q.shape[0])
+            y_max = max(float(np.abs(ref).max(initial=0.0)), float(np.abs(mean_v).max(initial=0.0)))
+            ref = alpha * ref + (1 - alpha) * mean_v
+            tol = float(alpha.max()) * tol + dtype_eps(dtype) * float(np.abs(ref).max()) + 4 * dtype_eps("float64") * y_max
+    return sel, ToleranceCheck(float(np.max(np.abs(np.asarray(got, np.float64) - ref), initial=0.0)), tol)
+
+
+def quant_case(base, dtype, inp, preset, residual):
+    m = KVQuant.presets()[preset]
+    residual = max(32, residual * 32) if m.residual_rule == "kivi" else residual
+    m = dataclasses.replace(m, base=base, residual=residual, scale_dtype="float32" if dtype == "float32" else m.scale_dtype)
+    return m, *(round_to(x, dtype) for x in (inp.q, inp.k, inp.v))
 
 
 @pytest.mark.parametrize("base", quant_bases(), ids=lambda b: "dense" if b is None else b.name)
@@ -75,16 +118,27 @@ def quant_bases():
 @given(inp=decode_inputs(max_n=80, head_dims=(4, 8, 16)), preset=st.sampled_from(sorted(KVQuant.presets())),
        residual=st.integers(0, 12))
 def test_dequantize_on_read_kernel_matches_oracle(base, dtype, inp, preset, residual):
-    m = KVQuant.presets()[preset]
-    residual = max(32, residual * 32) if m.residual_rule == "kivi" else residual
-    m = dataclasses.replace(m, base=base, residual=residual, scale_dtype="float32" if dtype == "float32" else m.scale_dtype)
-    q, k, v = (round_to(x, dtype) for x in (inp.q, inp.k, inp.v))
-    step = m.step(q, k, v, positions=np.arange(k.shape[1]))
-    kh, vh = m.dequantized(k, v)
+    m, q, k, v = quant_case(base, dtype, inp, preset, residual)
     got, idx = kv_quant(m, q.astype(dtype), k.astype(dtype), v.astype(dtype), positions=np.arange(k.shape[1]))
-    assert [list(a) for a in idx] == [list(a) for a in step.selection.indices]
-    check = check_attention_output(got, q, kh, vh, dtype, mask=step.selection.mask())
+    sel, check = check_quantized_step(got, m, q, k, v, dtype)
+    assert [list(a) for a in idx] == [list(a) for a in sel.indices]
     assert check.ok, check
+
+
+def test_quant_sparq_mix_planted_bug_is_caught():
+    """A kernel that forgets SparQ's mean-V mix over the quantized cache exceeds the tolerance."""
+    from kvsparse.kernels.numba.kv_quant import quantized_attention, stored_parts
+    from kvsparse.property_tests.strategies import make_decode_input
+    inp = make_decode_input(4, 2, 64, 8, seed=3)
+    m, q, k, v = quant_case(dataclasses.replace(registry.oracle("sparq"), k=6), "float32", inp, "canonical", 0)
+    good, idx = kv_quant(m, q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
+    assert check_quantized_step(good, m, q, k, v, "float32")[1].ok
+    cache = m.quantize_cache(k, v)
+    from kvsparse.kernels.numba.attention import union_with_weights
+    lists, lengths, w = union_with_weights(idx, 2, np.float32)
+    bad, _ = quantized_attention(q.astype(np.float32), stored_parts(cache.keys, cache.k_full, np.float32),
+                                 stored_parts(cache.values, cache.v_full, np.float32), lists, lengths, w)
+    assert not check_quantized_step(bad, m, q, k, v, "float32")[1].ok
 
 
 def test_quant_tolerance_catches_a_planted_bug():
@@ -133,3 +187,102 @@ def test_head_masked_tolerance_catches_a_planted_bug():
     wrong, _ = head_masked_attention(inp.q, inp.k, inp.v, np.ones(4, bool))
     assert not check_attention_output(wrong, inp.q, inp.k, inp.v, "float64",
                                       mask=np.repeat(keep[:, None], 30, axis=1)).ok
+
+
+# --- CLA: every layer attends over its producer layer's cache -----------------------------------
+
+def cla_case(seed, layers, f, h_kv, g, n, d, dtype):
+    rng = np.random.default_rng(seed)
+    q = round_to(rng.standard_normal((layers, h_kv * g, d)), dtype)
+    k = round_to(rng.standard_normal((layers, h_kv, n, d)), dtype)
+    v = round_to(rng.standard_normal((layers, h_kv, n, d)), dtype)
+    return CLA(sharing_factor=f), q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 5), f=st.integers(1, 3), h_kv=st.integers(1, 3),
+       g=st.integers(1, 3), n=st.integers(1, 60), d=st.sampled_from([1, 4, 8, 16]))
+def test_cla_kernel_matches_oracle(dtype, seed, layers, f, h_kv, g, n, d):
+    m, q, k, v = cla_case(seed, layers, f, h_kv, g, n, d, dtype)
+    out, lse = cla_decode_layers(m, q.astype(dtype), k.astype(dtype), v.astype(dtype))
+    assert out.shape == q.shape and out.dtype == np.dtype(dtype) and lse.shape == q.shape[:2]
+    steps = decode_layers(m, q, k, v)
+    for layer in range(layers):
+        p = m.producer(layer)
+        check = check_attention_output(out[layer], q[layer], k[p], v[p], dtype)
+        assert check.ok, (layer, check)
+        if dtype == "float64":
+            np.testing.assert_allclose(out[layer], steps[layer].output, rtol=1e-12, atol=1e-12)
+        got, idx = cla(dataclasses.replace(m, layer=layer), q[layer].astype(dtype), k[p].astype(dtype),
+                       v[p].astype(dtype))
+        assert check_attention_output(got, q[layer], k[p], v[p], dtype).ok and np.asarray(idx).shape == (h_kv * g, n)
+
+
+def test_cla_planted_bug_is_caught():
+    """A consumer layer attending over its own (never stored) K/V instead of the producer's is caught."""
+    m, q, k, v = cla_case(7, 2, 2, 2, 2, 40, 8, "float32")
+    wrong, _ = cla_decode_layers(CLA(sharing_factor=1), q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
+    assert check_attention_output(wrong[0], q[0], k[0], v[0], "float32").ok       # the producer layer agrees
+    assert not check_attention_output(wrong[1], q[1], k[0], v[0], "float32").ok   # the consumer does not
+    with pytest.raises(TypeError, match="method"):
+        cla_decode_layers(MLA(), q, k, v)
+
+
+# --- LoRC: rebuild K/V from the latents, RoPE the keys, dense attention ---------------------------
+
+def lorc_case(seed, h_kv, g, n, d, rk, rv, rope, dtype):
+    """Rounded latents and up-projections, and the oracle's cache: ``LowRankKV.rebuild`` with the latents
+    as hidden states and identity down-projections (``x A`` is then the latent exactly)."""
+    rng = np.random.default_rng(seed)
+    full = h_kv * d
+    rk, rv = min(rk, full), min(rv, full)
+    lat_k, lat_v = round_to(rng.standard_normal((n, rk)), dtype), round_to(rng.standard_normal((n, rv)), dtype)
+    b_k = round_to(rng.standard_normal((rk, full)) / np.sqrt(rk), dtype)
+    b_v = round_to(rng.standard_normal((rv, full)) / np.sqrt(rv), dtype)
+    q = round_to(rng.standard_normal((h_kv * g, d)), dtype)
+    positions = np.arange(n) + int(rng.integers(0, 500)) if rope else None
+    x = np.concatenate([lat_k, lat_v], axis=1)
+    factors = LowRankKV(np.vstack([np.eye(rk), np.zeros((rv, rk))]), b_k, np.vstack([np.zeros((rk, rv)), np.eye(rv)]),
+                        b_v, h_kv)
+    k, v = factors.rebuild(x, positions)
+    return dict(q=q, lat_k=lat_k, lat_v=lat_v, b_k=b_k, b_v=b_v, positions=positions, x=x, factors=factors, k=k, v=v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(seed=st.integers(0, 2**32 - 1), h_kv=st.integers(1, 3), g=st.integers(1, 3), n=st.integers(1, 60),
+       d=st.sampled_from([2, 4, 8, 16]), rk=st.integers(1, 48), rv=st.integers(1, 48), rope=st.booleans())
+def test_lorc_kernel_matches_oracle(dtype, seed, h_kv, g, n, d, rk, rv, rope):
+    c = lorc_case(seed, h_kv, g, n, d, rk, rv, rope, dtype)
+    dt = np.dtype(dtype)
+    got, lse = lorc_attention(c["q"].astype(dt), c["lat_k"].astype(dt), c["lat_v"].astype(dt), c["b_k"].astype(dt),
+                              c["b_v"].astype(dt), c["positions"])
+    assert got.dtype == dt and lse.shape == (h_kv * g,)
+    check = check_attention_output(got, c["q"], c["k"], c["v"], dtype)
+    assert check.ok, check
+    if dtype == "float64":
+        m = LoRC(key_rank=c["lat_k"].shape[1], value_rank=c["lat_v"].shape[1])
+        want = m.decode(c["factors"], c["q"], c["x"], c["positions"]).output
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    out, idx = lorc(LoRC(), c["q"].astype(dt), c["k"].astype(dt), c["v"].astype(dt))      # the Method view
+    assert check_attention_output(out, c["q"], c["k"], c["v"], dtype).ok and np.asarray(idx).shape == (h_kv * g, n)
+
+
+def test_lorc_planted_bugs_are_caught():
+    """Forgetting the keys' RoPE, or swapping the key and value latents, exceeds the tolerance."""
+    c = lorc_case(11, 2, 2, 48, 8, 6, 6, True, "float32")
+    f32 = {name: c[name].astype(np.float32) for name in ("q", "lat_k", "lat_v", "b_k", "b_v")}
+    good, _ = lorc_attention(f32["q"], f32["lat_k"], f32["lat_v"], f32["b_k"], f32["b_v"], c["positions"])
+    assert check_attention_output(good, c["q"], c["k"], c["v"], "float32").ok
+    no_rope, _ = lorc_attention(f32["q"], f32["lat_k"], f32["lat_v"], f32["b_k"], f32["b_v"])
+    assert not check_attention_output(no_rope, c["q"], c["k"], c["v"], "float32").ok
+    swapped, _ = lorc_attention(f32["q"], f32["lat_v"], f32["lat_k"], f32["b_v"], f32["b_k"], c["positions"])
+    assert not check_attention_output(swapped, c["q"], c["k"], c["v"], "float32").ok
+    with pytest.raises(TypeError, match="b_k"):
+        lorc_attention(f32["q"], f32["lat_k"], f32["lat_v"], c["b_k"], f32["b_v"])
+    with pytest.raises(ValueError, match="positions"):
+        lorc_attention(f32["q"], f32["lat_k"], f32["lat_v"], f32["b_k"], f32["b_v"], np.arange(3))
+
+
+def test_cla_and_lorc_kernels_are_registered():
+    assert registry.get("cla").kernels["numba"] is cla
+    assert registry.get("lorc").kernels["numba"] is lorc

@@ -15,13 +15,17 @@ from hypothesis import assume, given, strategies as st
 
 from kvsparse import registry
 from kvsparse.oracle import Layout, run_decode
+from kvsparse.oracle.kv_quant import KVQuant, composition_refusal
 from kvsparse.property_tests.strategies import decode_inputs
-from kvsparse.sim.costmodel import KVFormat, Query, kv_tensors_of, selection_rows
+from kvsparse.sim.costmodel import KV_FORMATS, KVFormat, Query, kv_tensors_of, selection_rows
 from kvsparse.sim.models import AttentionShape
 
 ENTRIES = registry.entries()
 BOTH = sorted(n for n, e in ENTRIES.items() if e.oracle is not None and e.cost is not None)
 ORACLE_ONLY = sorted(n for n, e in ENTRIES.items() if e.oracle is not None and e.cost is None)
+COMPOSABLE = sorted(n for n in BOTH if composition_refusal(n, ENTRIES[n].oracle.stateful, {}) is None)
+"""Bases a quantized cache composes with (``kv_quant``'s exactness draws them all)."""
+NO_BOUND = ("dense", "twilight", "vattention")   # top-p, (eps, delta) sample: no analytic upper bound
 
 
 def test_report_coverage():
@@ -43,8 +47,50 @@ def oracle_params(method) -> dict:
     return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
 
 
+def draw_budget_and_layer(draw, name, method, n):
+    """``method`` with its budget (the cost model's ``budget_param``) and layer drawn."""
+    cost = ENTRIES[name].cost
+    try:
+        if cost.budget_param and (getattr(method, cost.budget_param) is not None or draw(st.booleans())):
+            method = dataclasses.replace(method, **{cost.budget_param: draw(st.integers(1, 2 * n + 2))})
+        if isinstance(getattr(method, "layer", None), int):      # layer-dependent methods (CLA, PyramidKV)
+            method = dataclasses.replace(method, layer=draw(st.integers(0, 5)))
+    except ValueError:           # a hyper-parameter combination the oracle refuses (capacity <= window)
+        assume(False)
+    return method
+
+
+def draw_quantized(draw, method, n, base_name=None):
+    """``kv_quant``: a preset (``quest-int4`` included) or a drawn format, over a drawn composable base
+    (``base_name`` if given; any preset, its budget drawn; sizes that make every read site happen at small n)."""
+    if draw(st.booleans()):
+        fields = dict(key_bits=draw(st.sampled_from([2, 4, 8])), value_bits=draw(st.sampled_from([2, 4, 8])),
+                      key_axis=draw(st.sampled_from(["token", "channel"])),
+                      value_axis=draw(st.sampled_from(["token", "channel"])),
+                      group_size=draw(st.sampled_from([0, 1, 3, 4, 8, 32])), residual=draw(st.integers(0, 24)),
+                      residual_rule=draw(st.sampled_from(["window", "kivi"])), scale_bits=draw(st.sampled_from([16, 32])))
+        try:
+            method = dataclasses.replace(method, **fields)
+        except ValueError:       # kivi needs residual > 0, a multiple of group_size
+            assume(False)
+    if base_name is not None or method.base is None or draw(st.booleans()):
+        name = base_name or draw(st.sampled_from(["none"] + COMPOSABLE))
+        base = None
+        if name != "none":
+            presets = ENTRIES[name].oracle.presets()
+            base = draw_budget_and_layer(draw, name, presets[draw(st.sampled_from(sorted(presets)))], n)
+            if name == "retrieval_attention":
+                base = dataclasses.replace(base, sinks=draw(st.integers(0, 8)), window=draw(st.integers(0, 16)),
+                                           scan_ratio=None)
+            if name == "twilight":
+                base = dataclasses.replace(base, quant_bits=draw(st.sampled_from([4, None])),
+                                           base=dataclasses.replace(base.base, token_budget=draw(st.integers(1, 2 * n + 2))))
+        method = dataclasses.replace(method, base=base)
+    return method
+
+
 @st.composite
-def cases(draw, name):
+def cases(draw, name, base_name=None):
     entry = ENTRIES[name]
     cost = entry.cost
     presets = entry.oracle.presets()
@@ -53,16 +99,18 @@ def cases(draw, name):
     inp = draw(decode_inputs(min_n=min_n, max_n=96, max_h_kv=3, max_group=3,
                              head_dims=(2, 4, 8, 16)))
     n, d = inp.k.shape[1], inp.k.shape[2]
-    try:
-        if cost.budget_param and (getattr(method, cost.budget_param) is not None or draw(st.booleans())):
-            method = dataclasses.replace(method, **{cost.budget_param: draw(st.integers(1, 2 * n + 2))})
-        if isinstance(getattr(method, "layer", None), int):      # layer-dependent methods (CLA, PyramidKV)
-            method = dataclasses.replace(method, layer=draw(st.integers(0, 5)))
-    except ValueError:           # a hyper-parameter combination the oracle refuses (capacity <= window)
-        assume(False)
+    method = draw_budget_and_layer(draw, name, method, n)
+    if name == "kv_quant":
+        method = draw_quantized(draw, method, n, base_name)
     bits = draw(st.sampled_from([b for b in (16, 8, 4) if (d * b) % 8 == 0]))
     layout = Layout(bits, page_size=draw(st.integers(1, 8)), share_kv_heads=draw(st.booleans()))
     return method, inp, layout
+
+
+def layer_of(params) -> int:
+    """The layer a layer-dependent method (or a kv_quant's base) runs at."""
+    layer = params.get("layer", getattr(params.get("base"), "layer", None))
+    return layer if isinstance(layer, int) else 0
 
 
 def check_exact(name, method, inp, layout):
@@ -78,7 +126,7 @@ def check_exact(name, method, inp, layout):
     if result is None:
         params = oracle_params(method)
         n = inp.k.shape[1]
-        q = Query(AttentionShape(h_q, h_kv, d, d), n=n, budget=(params.get(cost.budget_param) or 0)
+        q = Query(AttentionShape(h_q, h_kv, d, d), n=n, layer=layer_of(params), budget=(params.get(cost.budget_param) or 0)
                   if cost.budget_param else 0, page_size=layout.page_size, share_kv_heads=layout.share_kv_heads,
                   kv=KVFormat(f"{layout.element_bits}-bit", layout.element_bits), params=params,
                   observed={"rows": 0})
@@ -90,8 +138,7 @@ def check_exact(name, method, inp, layout):
     else:
         observed = {"rows": selection_rows(result.selection, h_kv, layout.page_size, layout.share_kv_heads)}
     params = oracle_params(method)
-    layer = params.get("layer")
-    q = Query(AttentionShape(h_q, h_kv, d, d), n=result.selection.n, layer=layer if isinstance(layer, int) else 0,
+    q = Query(AttentionShape(h_q, h_kv, d, d), n=result.selection.n, layer=layer_of(params),
               n_layers=params.get("num_layers") or 1,
               budget=(params.get(cost.budget_param) or 0) if cost.budget_param else 0,
               page_size=layout.page_size, share_kv_heads=layout.share_kv_heads,
@@ -104,6 +151,15 @@ def check_exact(name, method, inp, layout):
 def test_cost_model_bytes_equal_oracle_traffic(name, data):
     method, inp, layout = data.draw(cases(name))
     check_exact(name, method, inp, layout)
+
+
+@pytest.mark.parametrize("base", COMPOSABLE)
+@given(data=st.data())
+def test_quantized_cache_over_every_composable_base_is_exact(base, data):
+    """kv_quant over each composable base (every read site: rows over PCIe or host memory, SparQ's channels,
+    Twilight's candidate keys, RetrievalAttention's scan) with drawn formats, residuals and layouts."""
+    method, inp, layout = data.draw(cases("kv_quant", base))
+    check_exact("kv_quant", method, inp, layout)
 
 
 def test_exactness_can_fail():
@@ -120,7 +176,7 @@ def test_exactness_can_fail():
     assert kv_tensors_of(dense.cost(q)) == dict(result.traffic.bytes)
 
 
-UPPER_BOUND = [n for n in BOTH if n not in ("dense", "twilight", "vattention")]   # top-p, (eps, delta) sample: no bound
+UPPER_BOUND = [n for n in BOTH if n not in NO_BOUND]
 
 
 @pytest.mark.parametrize("name", UPPER_BOUND)
@@ -129,6 +185,8 @@ def test_analytic_rows_bound_the_measured_ones(name, data):
     """Without ``observed`` sizes a cost model's K/V bytes are an upper bound of the oracle's
     (token-granular layout; default ``group_union`` = G, i.e. disjoint per-head selections)."""
     method, inp, layout = data.draw(cases(name))
+    if name == "kv_quant" and method.base is not None and method.base.name in NO_BOUND[1:]:
+        assume(False)            # the base's own estimate is no bound
     layout = Layout(layout.element_bits, 1, layout.share_kv_heads)
     cost = ENTRIES[name].cost
     try:
@@ -137,7 +195,7 @@ def test_analytic_rows_bound_the_measured_ones(name, data):
         return
     h_q, d = inp.q.shape
     params = oracle_params(method)
-    q = Query(AttentionShape(h_q, inp.k.shape[0], d, d), n=result.selection.n,
+    q = Query(AttentionShape(h_q, inp.k.shape[0], d, d), n=result.selection.n, layer=layer_of(params),
               budget=(params.get(cost.budget_param) or 0) if cost.budget_param else 0,
               share_kv_heads=layout.share_kv_heads, kv=KVFormat("x", layout.element_bits), params=params)
     est = kv_tensors_of(cost(q))
@@ -170,3 +228,92 @@ def test_positional_sets_are_exact_without_observed(name, data):
               share_kv_heads=layout.share_kv_heads, kv=KVFormat("x", layout.element_bits),
               params={**params, "group_union": 1})
     assert kv_tensors_of(cost(q)) == dict(result.traffic.bytes)
+
+
+ROWS_ONLY = [n for n in ("dense", "sliding_window", "bigbird", "longformer", "vattention", "deja_vu", "cla") if n in BOTH]
+"""Bases whose cost model reads nothing but K/V rows (``kv_reads``): a scaled KV format prices them fully."""
+
+
+@st.composite
+def scaled_formats(draw, d):
+    """The simulator's scaled formats (int8, int4) or a drawn one: bits, channels per group, scale bytes."""
+    fmt = draw(st.one_of(st.sampled_from([KV_FORMATS["int8"], KV_FORMATS["int4"]]),
+                         st.builds(KVFormat, st.just("drawn"), st.sampled_from([2, 4, 8]),
+                                   st.sampled_from([0, 1, 2, 3, 8, 32]), st.sampled_from([2, 4, 8]))))
+    assume((d * fmt.element_bits) % 8 == 0)
+    return fmt
+
+
+@pytest.mark.parametrize("name", ROWS_ONLY)
+@given(data=st.data())
+def test_kv_formats_with_scales_equal_the_quantized_oracle(name, data):
+    """A KV format with scale bytes (the simulator's ``--kv int8|int4``) is the oracle's KVQuant with per-token
+    K and V groups of the format's width, no residual, over the base: the base's own cost model at that
+    format must give the composed oracle's bytes exactly (scales as metadata)."""
+    method, inp, layout = data.draw(cases(name))
+    h_q, d = inp.q.shape
+    h_kv = inp.k.shape[0]
+    fmt = data.draw(scaled_formats(d))
+    quant = KVQuant(base=method, key_bits=fmt.element_bits, value_bits=fmt.element_bits, key_axis="token",
+                    value_axis="token", group_size=fmt.group, scale_bits=4 * fmt.scale_bytes)
+    layout = Layout(16, layout.page_size, layout.share_kv_heads)
+    result = quant.step(inp.q, inp.k, inp.v, positions=np.arange(inp.k.shape[1]), layout=layout)
+    cost = ENTRIES[name].cost
+    params = oracle_params(method)
+    q = Query(AttentionShape(h_q, h_kv, d, d), n=result.selection.n, layer=layer_of(params),
+              budget=(params.get(cost.budget_param) or 0) if cost.budget_param else 0,
+              page_size=layout.page_size, share_kv_heads=layout.share_kv_heads, kv=fmt, params=params,
+              observed={"rows": selection_rows(result.selection, h_kv, layout.page_size, layout.share_kv_heads)})
+    assert kv_tensors_of(cost(q)) == dict(result.traffic.bytes), (method, fmt, layout)
+
+
+def quest_int4_case():
+    from kvsparse.property_tests.strategies import make_decode_input
+    inp = make_decode_input(4, 2, 256, 64, seed=0)
+    method = dataclasses.replace(KVQuant.presets()["quest-int4"], base=dataclasses.replace(
+        registry.oracle("quest"), token_budget=128))
+    result = method.step(inp.q, inp.k, inp.v)
+    observed = ENTRIES["kv_quant"].cost.observe(method, result, inp, h_kv=2, layout=Layout())
+    q = Query(AttentionShape(4, 2, 64, 64), n=256, params=oracle_params(method), observed=observed)
+    return method, result, q
+
+
+def test_quest_over_int4_prices_page_metadata_at_fp16():
+    """quest-int4, n=256, d=64, H_kv=2: the composed cost model equals the oracle; its metadata is 16 pages'
+    min/max at 16 bits (2 * 16 * 128 B per KV head) plus 16 B of scales per row read; Quest priced at
+    ``--kv int4`` (min/max at 4 bits) is short by exactly the min/max width difference."""
+    method, result, q = quest_int4_case()
+    composed = kv_tensors_of(ENTRIES["kv_quant"].cost(q))
+    assert composed == dict(result.traffic.bytes)
+    rows = q.observed["rows"]
+    assert composed[("hbm", "metadata")] == 2 * 2 * 16 * 128 + rows * 2 * (64 // 32) * 4
+    assert composed[("hbm", "keys")] == rows * 32
+    at_int4 = kv_tensors_of(ENTRIES["quest"].cost(dataclasses.replace(
+        q, kv=KV_FORMATS["int4"], params=oracle_params(method.base), budget=128, observed={"rows": rows})))
+    assert composed[("hbm", "metadata")] - at_int4[("hbm", "metadata")] == 2 * 2 * 16 * (128 - 32)
+    assert {k: v for k, v in at_int4.items() if k[1] != "metadata"} == \
+        {k: v for k, v in composed.items() if k[1] != "metadata"}
+
+
+def test_composed_exactness_can_fail():
+    """Planted bugs in the composed pricing are caught: Quest's min/max at the quantized width (what
+    ``--kv int4`` does to Quest), or the scales of the quantized rows forgotten."""
+    method, result, q = quest_int4_case()
+    want = dict(result.traffic.bytes)
+    cost = ENTRIES["kv_quant"].cost
+    assert kv_tensors_of(cost(q)) == want
+    assert kv_tensors_of(cost(dataclasses.replace(q, kv=KVFormat("4-bit", 4)))) != want
+    no_scales = {"rows": {t: (quant, 0) for t, (quant, _) in q.observed["quant"]["rows"].items()}}
+    assert kv_tensors_of(cost(dataclasses.replace(q, observed={**q.observed, "quant": no_scales}))) != want
+
+
+def test_kv_quant_cost_refuses_what_the_oracle_refuses():
+    q = Query(AttentionShape(4, 2, 8, 8), n=10, params={**ENTRIES["kv_quant"].cost.defaults, "base": "h2o"})
+    with pytest.raises(ValueError, match="stateful"):
+        ENTRIES["kv_quant"].cost(q)
+    with pytest.raises(ValueError, match="stateful"):
+        KVQuant(base=registry.oracle("h2o"))
+    with pytest.raises(ValueError, match="latent"):
+        ENTRIES["kv_quant"].cost(dataclasses.replace(q, params={**q.params, "base": "mla"}))
+    with pytest.raises(ValueError, match="scaled format"):
+        ENTRIES["kv_quant"].cost(dataclasses.replace(q, kv="int4"))

@@ -30,21 +30,44 @@ unquantized, stored at ``layout.element_bits`` (the layout's element width is th
 (stored rounded, as real caches do; codes are computed from the rounded scale and zero, like KIVI's
 fp16 kernels). Rounding is ``numpy``'s round-half-to-even, as ``torch.round``.
 
-Composition: ``KVQuant(base=...)`` runs any stateless ``Method`` (``registry.oracle(name)``; ``None``
-is dense attention) on the *dequantized* cache: its selection, its output, and its own metadata reads
-(e.g. Quest's min/max pages, kept at ``layout.element_bits``).
+Composition: ``KVQuant(base=...)`` runs a stateless ``Method`` (``registry.oracle(name)``; ``None``
+is dense attention) on the *dequantized* cache: its selection, its output, and its own reads. What
+each base reads of the cache is described explicitly (``cache_reads``) and re-priced; everything
+else it reads is a separate store and keeps the base's own price:
 
-Traffic (exact, per decode step; the cost model must match it):
+* K/V rows (every base): the rows of its Selection at the memory it reads them from (HBM; the host
+  link for Double Sparsity's ``kv_memory="pcie"``; host memory for RetrievalAttention's CPU side).
+* SparQ's approximate pass: ``r`` channels of every key (of the ``K^T`` twin with
+  ``transposed_keys``), so ``r * key_bits`` bits per quantized row, ``r * layout.element_bits`` per
+  residual row (counted in bits, as SparQ's own Traffic is; the total must be whole bytes), plus the
+  scale and zero of every group holding a read channel.
+* Twilight with ``quant_bits=None``: the candidates' full key rows (not page-rounded, as Twilight counts).
+* RetrievalAttention: the static rows (HBM), the retrieved rows and the flat scan's keys (host).
+* Kept at the base's own width (``layout.element_bits`` unless the base says otherwise), computed
+  from the dequantized keys: Quest's page min/max, Double Sparsity's label cache, SparQ's running
+  mean of V, Twilight's own quantized key copy, query/partial messages. Our choice for a faithful
+  kernel: such metadata is its own tensor in the model dtype (the usual design: page min/max stay
+  fp16 beside an int4 cache), so Quest over an int4 cache reads its min/max at 16 bits, not 4;
+  ``sim/costs/kv_quant.py`` prices the same.
 
-* ``keys`` / ``values`` (HBM): for every row the base method reads (its Selection; per KV head as the
-  union of the group under ``layout.share_kv_heads``, else per query head; rounded out to
-  ``layout.page_size`` pages), ``d * bits / 8`` bytes if the row is quantized, ``layout.row_bytes(d)``
-  if it is in the full-precision residual.
-* ``metadata`` (HBM): ``2 * scale_bits / 8`` bytes (scale and zero) for every group a read quantized
-  row belongs to, counted once per reader: per-token groups ``rows * ceil(d / G)``; per-channel
-  groups ``(distinct token blocks touched) * d``. Plus the base method's own metadata / auxiliary reads.
-* A base method must read its selected K/V rows from HBM in the plain way (its keys/values Traffic
-  equals ``kv_traffic``); otherwise ``traffic`` raises ``ValueError``.
+Not composable (``ValueError`` saying why, ``composition_refusal``): stateful methods (StreamingLLM,
+H2O, SnapKV, PyramidKV, CORM, ClusterKV: they evict or re-cluster tokens and carry state across steps,
+while this oracle re-quantizes an append-only cache at every step); MLA and LoRC (they cache latents,
+not K/V rows); ``kv_quant`` itself; RetrievalAttention with ``scan_ratio`` (a graph index visits an
+unspecified subset of the keys, so which quantized rows and scale groups it reads is undefined).
+
+Traffic (exact, per decode step; the cost model must match it): the base's Traffic with every cache
+read above replaced by its quantized price:
+
+* ``keys`` / ``values``: for every row read (per reader: KV head under ``layout.share_kv_heads`` with
+  the group's union, else query head; rounded out to ``layout.page_size`` pages where the base rounds),
+  ``d * bits / 8`` bytes if the row is quantized, ``layout.row_bytes(d)`` if it is in the
+  full-precision residual.
+* ``metadata`` (at the memory of the read): ``2 * scale_bits / 8`` bytes (scale and zero) for every
+  group a read quantized row belongs to, counted once per reader: per-token groups
+  ``rows * ceil(d / G)``; per-channel groups ``(distinct token blocks touched) * d``.
+* A base's K/V Traffic must equal the plain price of the reads described for it, else ``traffic``
+  raises ``ValueError`` (a base whose reads are not described is never silently mis-priced).
 """
 from __future__ import annotations
 
@@ -56,7 +79,7 @@ import numpy as np
 from ..registry import register_method
 from . import core
 from .method import Method, check_positions
-from .types import Layout, Selection, StepResult, Traffic, kv_traffic
+from .types import Layout, Selection, StepResult, Traffic
 
 AXES = ("token", "channel")
 RESIDUAL_RULES = ("window", "kivi")
@@ -161,6 +184,58 @@ def rows_touched(indices: np.ndarray, n: int, page_size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# composition: which base methods, and how each reads the cache
+# --------------------------------------------------------------------------------------------
+
+NOT_COMPOSABLE = {
+    "kv_quant": "it already is a quantized cache (set key_bits / value_bits instead of nesting)",
+    "mla": "MLA caches one latent vector and one RoPE key per token, not per-head K/V rows "
+           "(quantizing the latent is a different method)",
+    "lorc": "LoRC caches low-rank latents, not K/V rows (quantizing the latents is a different method)",
+}
+
+
+def composition_refusal(name: str, stateful: bool, params) -> str | None:
+    """Why the method ``name`` (hyper-parameters ``params``, a mapping) cannot run over a quantized
+    cache, or ``None`` if it can. Shared by the oracle and ``sim/costs/kv_quant.py``."""
+    if stateful:
+        return (f"base {name!r} is stateful: it evicts or merges tokens and carries state across decode steps, "
+                f"while KVQuant re-quantizes an append-only cache at every step; composing the two needs a "
+                f"stateful wrapper that quantizes the kept tokens, which does not exist")
+    if name in NOT_COMPOSABLE:
+        return f"base {name!r} cannot run over a quantized K/V cache: {NOT_COMPOSABLE[name]}"
+    if name == "retrieval_attention" and params.get("scan_ratio") is not None:
+        return ("base 'retrieval_attention' with scan_ratio models a graph index that visits an unspecified "
+                "subset of the keys, so which quantized rows and scale groups it reads is undefined; use "
+                "scan_ratio=None (a flat scan)")
+    return None
+
+
+@dataclass(frozen=True)
+class RowRead:
+    """A base method's read of whole cache rows: ``sets[j]`` are the tokens reader ``j`` reads."""
+
+    site: str                          # the name the cost model and ``read_stats`` use
+    sets: tuple
+    memory: str = "hbm"
+    tensors: tuple = ("keys", "values")
+    page_size: int = 1                 # 1: exact rows (not page-rounded)
+
+
+@dataclass(frozen=True)
+class ChannelRead:
+    """SparQ's approximate pass: reader ``j`` reads channels ``channels[j]`` of every one of the n keys."""
+
+    channels: tuple
+    tensor: str = "keys"               # "auxiliary": the transposed copy
+
+
+def reader_sets(selection: Selection, h_kv: int, layout: Layout) -> tuple:
+    """The index sets whose rows are read: the group's union per KV head under sharing, else per query head."""
+    return tuple(selection.kv_union(h_kv) if layout.share_kv_heads else selection.indices)
+
+
+# --------------------------------------------------------------------------------------------
 # the method
 # --------------------------------------------------------------------------------------------
 
@@ -202,8 +277,9 @@ class KVQuant(Method):
         if self.base is not None:
             if not isinstance(self.base, Method):
                 raise TypeError(f"base must be a Method instance or None, got {type(self.base).__name__}")
-            if self.base.stateful:
-                raise ValueError(f"base must be a stateless method, got the stateful {self.base.name!r}")
+            why = composition_refusal(self.base.name, self.base.stateful, vars(self.base))
+            if why is not None:
+                raise ValueError(why)
         for f in ("key_bits", "value_bits"):
             if getattr(self, f) not in BITS:
                 raise ValueError(f"{f} must be one of {BITS}, got {getattr(self, f)!r}")
@@ -274,43 +350,170 @@ class KVQuant(Method):
         q, k, v, sh = core.check_decode_inputs(q, k, v, scale=scale)
         if positions is not None:
             positions = check_positions(positions, sh.n)
-        kh, vh = self.dequantized(k, v)   # quantize once for select and attend
-        base = self._base()
-        selection = base.select(q, kh, vh, positions=positions)
-        output = base.attend(q, kh, vh, selection, scale=scale)
-        return StepResult(selection, output, self.traffic(selection, h_kv=sh.h_kv, d=sh.d, layout=layout))
+        kh, vh = self.dequantized(k, v)   # quantize once; the base selects and attends on the dequantized cache
+        result = self._base().step(q, kh, vh, positions=positions, scale=scale, layout=layout)
+        traffic = self.traffic(result.selection, h_kv=sh.h_kv, d=sh.d, layout=layout, inputs=(q, kh, vh))
+        return StepResult(result.selection, result.output, traffic)
+
+    # --- what the base reads of the cache ---------------------------------------------------------
+    def cache_reads(self, selection: Selection, *, h_kv: int, d: int, layout: Layout, inputs=None) -> list:
+        """The base's reads of the cache (``RowRead`` / ``ChannelRead``; see the module doc).
+
+        ``inputs = (q, k_hat, v_hat)``, the step's query and dequantized cache, is needed where the base's
+        reads depend on them (SparQ's channels, Twilight's candidates); ``step`` passes it.
+        """
+        base, n = self._base(), selection.n
+
+        def rows(sel, memory="hbm", site="rows"):
+            return RowRead(site, reader_sets(sel, h_kv, layout), memory, ("keys", "values"), layout.page_size)
+
+        def need_inputs():
+            if inputs is None:
+                raise ValueError(f"the reads of base {base.name!r} depend on the query and cache: pass "
+                                 f"inputs=(q, k_hat, v_hat) (step() does)")
+            return inputs
+
+        name = base.name
+        if name == "cla" and base.consumer_reads == "reuse" and not base.is_producer():
+            return []
+        if name == "double_sparsity":
+            return [rows(selection, base.kv_memory)]
+        if name == "retrieval_attention":
+            from .retrieval_attention import candidates
+            static, retrieved = base.split(selection)
+            out = [rows(Selection(tuple(static), n), site="static"),
+                   rows(Selection(tuple(retrieved), n), "host", "retrieved")]
+            pool = candidates(n, base.sinks, base.window)
+            if min(base.top_k, pool.size) > 0:      # the flat scan: every candidate key per searcher
+                searches = h_kv if layout.share_kv_heads else selection.h_q
+                out.append(RowRead("scan", (pool,) * searches, "host", ("keys",), 1))
+            return out
+        if name == "sparq":
+            out = [rows(selection)]
+            if base.tokens(n) < n:                  # not a dense step: the approximate pass runs
+                q, kh, _ = need_inputs()
+                channels = base.approximate(q, kh).channels
+                g = selection.h_q // h_kv
+                heads = range(0, selection.h_q, g) if (base.gqa == "group" and layout.share_kv_heads) \
+                    else range(selection.h_q)
+                out.append(ChannelRead(tuple(channels[h] for h in heads),
+                                       "auxiliary" if base.transposed_keys else "keys"))
+            return out
+        if name == "twilight":
+            out = [rows(selection)]
+            if base.quant_bits is None and base.p < 1 and not base.dense_layer:
+                q, kh, vh = need_inputs()
+                out.append(RowRead("candidates", reader_sets(base.candidates(q, kh, vh), h_kv, layout),
+                                   "hbm", ("keys",), 1))
+            return out
+        return [rows(selection)]
+
+    def _tensor(self, tensor: str, n: int, d: int) -> tuple[int, int, str]:
+        """``(quantized prefix, bits, axis)`` of ``tensor`` in an ``n``-token cache."""
+        nk, nv = self.quantized_lengths(n, d)
+        return (nk, self.key_bits, self.key_axis) if tensor == "keys" else (nv, self.value_bits, self.value_axis)
+
+    def read_stats(self, reads: list, n: int, d: int) -> dict:
+        """The data-dependent sizes of ``reads`` the cost model needs (``observed["quant"]``):
+        ``{site: {tensor: (quantized rows, distinct token blocks touched)}}`` summed over readers, and for
+        SparQ's pass ``{"channels": (groups per key row summed over readers)}``."""
+        out: dict = {}
+        for read in reads:
+            if isinstance(read, ChannelRead):
+                n_q, _, axis = self._tensor("keys", n, d)
+                _, cb = self.blocks(axis, n_q, d)
+                out["channels"] = out.get("channels", 0) + sum(np.unique(c // cb).size for c in read.channels)
+                continue
+            site = out.setdefault(read.site, {})
+            for tensor in read.tensors:
+                n_q, _, axis = self._tensor(tensor, n, d)
+                tb, _ = self.blocks(axis, n_q, d)
+                quant = blocks = 0
+                for ix in read.sets:
+                    rows = rows_touched(ix, n, read.page_size)
+                    qr = rows[rows < n_q]
+                    quant += qr.size
+                    blocks += np.unique(qr // tb).size
+                old = site.get(tensor, (0, 0))
+                site[tensor] = (old[0] + quant, old[1] + blocks)
+        return out
+
+    def _plain_price(self, reads: list, n: int, d: int, layout: Layout) -> dict:
+        """What ``reads`` cost on an unquantized cache at ``layout.element_bits`` (the base's own price)."""
+        out: dict = {}
+        for read in reads:
+            if isinstance(read, ChannelRead):
+                bits = sum(c.size for c in read.channels) * n * layout.element_bits
+                out[("hbm", read.tensor)] = out.get(("hbm", read.tensor), 0) + bits // 8
+                continue
+            rows = sum(rows_touched(ix, n, read.page_size).size for ix in read.sets)
+            for tensor in read.tensors:
+                out[(read.memory, tensor)] = out.get((read.memory, tensor), 0) + rows * layout.row_bytes(d)
+        return out
+
+    def _quantized_price(self, reads: list, n: int, d: int, layout: Layout) -> dict:
+        """What ``reads`` cost on this quantized cache (packed rows, residual rows, scales)."""
+        stats = self.read_stats(reads, n, d)
+        pair = 2 * self.scale_bits // 8
+        full = layout.row_bytes(d)
+        out: dict = {}
+
+        def add(key, b):
+            out[key] = out.get(key, 0) + b
+        for read in reads:
+            if isinstance(read, ChannelRead):
+                n_q, _, axis = self._tensor("keys", n, d)
+                bits = sum(c.size for c in read.channels) * (n_q * self.key_bits + (n - n_q) * layout.element_bits)
+                if bits % 8:
+                    raise ValueError(f"SparQ's pass over {n} keys ({n_q} at {self.key_bits} bits) is not a whole "
+                                     f"number of bytes")
+                tb, _ = self.blocks(axis, n_q, d)
+                add(("hbm", read.tensor), bits // 8)
+                add(("hbm", "metadata"), -(-n_q // tb) * stats["channels"] * pair)
+                continue
+            rows = sum(rows_touched(ix, n, read.page_size).size for ix in read.sets)
+            for tensor in read.tensors:
+                n_q, bits, axis = self._tensor(tensor, n, d)
+                quant, blocks = stats[read.site][tensor]
+                _, cb = self.blocks(axis, n_q, d)
+                add((read.memory, tensor), quant * packed_row_bytes(d, bits) + (rows - quant) * full)
+                add((read.memory, "metadata"), blocks * -(-d // cb) * pair)
+        return out
 
     def quantized_kv_traffic(self, selection: Selection, *, h_kv: int, d: int, layout: Layout) -> Traffic:
-        """Bytes of the packed K/V rows, full-precision residual rows and scales (see module doc)."""
-        n = selection.n
-        nk, nv = self.quantized_lengths(n, d)
-        readers = selection.kv_union(h_kv) if layout.share_kv_heads else selection.indices
-        full_row = layout.row_bytes(d)
-        pair = 2 * self.scale_bits // 8
-        out = {"keys": 0, "values": 0, "metadata": 0}
-        for ix in readers:
-            rows = rows_touched(ix, n, layout.page_size)
-            for tensor, n_q, bits, axis in (("keys", nk, self.key_bits, self.key_axis),
-                                            ("values", nv, self.value_bits, self.value_axis)):
-                quant = rows[rows < n_q]
-                out[tensor] += quant.size * packed_row_bytes(d, bits) + (rows.size - quant.size) * full_row
-                tb, cb = self.blocks(axis, n_q, d)
-                groups = quant.size * -(-d // cb) if axis == "token" else np.unique(quant // tb).size * d
-                out["metadata"] += groups * pair
-        return Traffic({("hbm", t): b for t, b in out.items()}, layout)
+        """Bytes of the packed K/V rows, full-precision residual rows and scales of the selection's rows
+        (read plainly from HBM; see module doc)."""
+        for bits in (self.key_bits, self.value_bits):
+            packed_row_bytes(d, bits)
+        read = RowRead("rows", reader_sets(selection, h_kv, layout), "hbm", ("keys", "values"), layout.page_size)
+        return Traffic(self._quantized_price([read], selection.n, d, layout), layout)
 
-    def traffic(self, selection: Selection, *, h_kv: int, d: int, layout: Layout) -> Traffic:
-        base_traffic = self._base().traffic(selection, h_kv=h_kv, d=d, layout=layout)
-        plain = kv_traffic(selection, h_kv, d, layout)
-        kv_keys = [key for key in base_traffic.bytes if key[1] in ("keys", "values")]
-        if {key: base_traffic.get(*key) for key in kv_keys} != dict(plain.bytes):
-            raise ValueError(f"base method {self._base().name!r} does not read its selected K/V rows plainly "
-                             f"from HBM; KVQuant cannot re-price its reads")
-        rest = Traffic({key: b for key, b in base_traffic.bytes.items() if key[1] not in ("keys", "values")}, layout)
-        return rest + self.quantized_kv_traffic(selection, h_kv=h_kv, d=d, layout=layout)
+    def traffic(self, selection: Selection, *, h_kv: int, d: int, layout: Layout, inputs=None) -> Traffic:
+        """The base's Traffic with its cache reads re-priced (module doc); ``inputs`` as in ``cache_reads``."""
+        for bits in (self.key_bits, self.value_bits):
+            packed_row_bytes(d, bits)            # a format the cache cannot hold is refused up front
+        base = self._base()
+        if base.name == "twilight" and not base.dense_layer:
+            if inputs is None:
+                raise ValueError("the reads of base 'twilight' depend on its candidates: pass inputs=(q, k_hat, v_hat)")
+            base_traffic = base.traffic(selection, h_kv=h_kv, d=d, layout=layout, candidates=base.candidates(*inputs))
+        else:
+            base_traffic = base.traffic(selection, h_kv=h_kv, d=d, layout=layout)
+        reads = self.cache_reads(selection, h_kv=h_kv, d=d, layout=layout, inputs=inputs)
+        plain = self._plain_price(reads, selection.n, d, layout)
+        rest = {}
+        for key in set(base_traffic.bytes) | set(plain):
+            have, cache = base_traffic.get(*key), plain.get(key, 0)
+            if have < cache or (key[1] in ("keys", "values") and have != cache):
+                raise ValueError(f"base method {base.name!r} does not read the cache as KVQuant describes it "
+                                 f"({key}: {have} B in its Traffic, {cache} B described); KVQuant cannot re-price "
+                                 f"its reads")
+            rest[key] = have - cache
+        return Traffic(rest, layout) + Traffic(self._quantized_price(reads, selection.n, d, layout), layout)
 
     @classmethod
     def presets(cls) -> dict[str, "KVQuant"]:
+        from .quest import Quest
         return {
             "canonical": cls(),
             # KIVI (jy-yuan/KIVI, models/llama_kivi.py): keys per channel, values per token, G=32, R=128,
@@ -323,4 +526,8 @@ class KVQuant(Method):
             "int8-per-token": cls(key_bits=8, value_bits=8, key_axis="token", value_axis="token", group_size=0),
             # per token, 32-channel groups for both K and V (the simulator's "int4" format)
             "int4-per-token-g32": cls(key_bits=4, value_bits=4, key_axis="token", value_axis="token", group_size=32),
+            # a composition: canonical Quest (budget 1024, 16-token pages) selecting over the int4-per-token-g32
+            # cache; its page min/max stay at the layout's (full) element width
+            "quest-int4": cls(base=Quest(), key_bits=4, value_bits=4, key_axis="token", value_axis="token",
+                              group_size=32),
         }

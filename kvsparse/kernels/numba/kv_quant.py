@@ -18,7 +18,9 @@ import math
 import numba
 import numpy as np
 
+from ...oracle import core
 from ...oracle.kv_quant import KVQuant, Quantized, pack_codes
+from ...oracle.sparq import SparQ
 from ...registry import register_kernel
 from .attention import FASTMATH, _scale, _write_group, check_float_arrays, union_with_weights
 
@@ -127,8 +129,11 @@ def quantized_attention(q, keys: tuple, values: tuple, indices=None, lengths=Non
 @register_kernel("kv_quant", "numba")
 def kv_quant(method: KVQuant, q, k, v, *, positions=None, scale=None):
     """Kernel-step contract: quantize the cache as the oracle does (scales in q's dtype), let the base
-    method's oracle choose the tokens on the dequantized cache, then attend with the dequantize-on-read
-    kernel. Returns ``(out, indices)``."""
+    method's oracle choose the tokens (and estimator weights) on the dequantized cache, then attend with
+    the dequantize-on-read kernel. Attention over the selection is every composable base's output
+    (RetrievalAttention's merge of disjoint parts included) except SparQ's: its
+    ``alpha * y + (1 - alpha) * mean(V)`` mix is applied here in float64 (alpha and mean(V) from the
+    oracle on the dequantized cache). Returns ``(out, indices)``."""
     q, k, v = check_float_arrays(q, k, v)
     if method.scale_dtype == "float64" and q.dtype != np.float64:
         raise ValueError("a float32 kernel stores float32 scales: use KVQuant(scale_dtype='float32') to compare")
@@ -139,7 +144,14 @@ def kv_quant(method: KVQuant, q, k, v, *, positions=None, scale=None):
         out, _ = quantized_attention(q, keys, values, scale=scale)
         return out, np.broadcast_to(np.arange(k.shape[1]), (q.shape[0], k.shape[1]))
     kh, vh = cache.dequantize()
-    sel = method.base.select(q.astype(np.float64), kh, vh, positions=positions)
-    lists, lengths, w = union_with_weights(sel.indices, k.shape[0], q.dtype)
+    q64 = q.astype(np.float64)
+    sel = method.base.select(q64, kh, vh, positions=positions)
+    lists, lengths, w = union_with_weights(sel.indices, k.shape[0], q.dtype, sel.weights)
     out, _ = quantized_attention(q, keys, values, lists, lengths, w, scale=scale)
+    if isinstance(method.base, SparQ) and method.base.reallocate:
+        approx = method.base.approximate(q64, kh)
+        if not approx.dense:
+            alpha = method.base.alpha(approx)[:, None]
+            mean_v = core.expand_kv(vh.mean(axis=1), q.shape[0])
+            out = (alpha * out.astype(np.float64) + (1.0 - alpha) * mean_v).astype(q.dtype)
     return out, list(sel.indices)

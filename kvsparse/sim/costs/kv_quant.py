@@ -1,17 +1,39 @@
 """KV quantization (KIVI-style): packed int8/int4/int2 K and V, min-max scale and zero per group,
-a full-precision residual of recent tokens; dense attention over the dequantized cache.
+a full-precision residual of recent tokens; any composable base method over the dequantized cache.
 
-Mirrors ``kvsparse/oracle/kv_quant.py`` for ``base=None`` (dense): per reader, the quantized prefix
-(``n_q`` tokens, per the residual rule) costs ``d * bits / 8`` bytes a row, the rest ``row_bytes(d)``;
-scales: ``2 * scale_bits / 8`` bytes per group touched (per-token groups: ``n_q * ceil(d / G)``;
-per-channel groups: ``ceil(n_q / G) * d``). Other methods are priced on a quantized cache with the
-simulator's ``kv`` format (``--kv int8|int4``) instead; a ``base`` here is refused.
+Mirrors ``kvsparse/oracle/kv_quant.py``. The query's KV format is the *full* precision (residual rows,
+and the base's own metadata); the quantization is this method's parameters, so a format with scale
+bytes (``--kv int8|int4``) is refused here. ``base``: ``None`` (dense attention), a method name, a
+``Method`` instance or a mapping with ``name`` (like Twilight's ``base``).
+
+Delegation: the base's own cost model prices the step at full precision (its budget, its metadata,
+its kernels and FLOPs); then every cache read of its kernels is re-priced, which leaves its separate
+stores at their own width: Quest's page min/max stay at the full element width (fp16 beside an int4
+cache, the oracle's documented choice), as do Double Sparsity's labels and SparQ's mean of V. Cache
+reads, by base: the keys/values reads of every kernel (RetrievalAttention: ``static_attention`` in
+HBM, ``host_attention`` and the ``host_search`` scan in host memory); SparQ's ``sparq_approx_scores``
+(``r`` channels of every key); Twilight's ``twilight_estimate`` keys when ``quant_bits`` is None.
+
+A row read of ``R`` rows of a tensor (summed over readers) costs ``R * row - Q * (row - d*bits/8)``
+plus ``B * groups_per_block * 2 * scale_bits / 8`` of metadata at the same memory, with ``Q`` the
+quantized rows and ``B`` the distinct token blocks they touch: ``observed["quant"][site][tensor] =
+(Q, B)`` when measured on an oracle's selection, else bounds from the quantized prefix ``n_q``
+(``R - readers * (n - n_q) <= Q <= min(R, readers * n_q)``, the end with more bytes, and
+``B <= min(R, readers * n_q, readers * blocks(n_q))``: an upper bound, exact when every row is read).
+SparQ's pass: ``r * (n_q * key_bits + (n - n_q) * element_bits)`` bits per reader and the groups
+holding its channels (``observed["quant"]["channels"]``, else
+``min(r, groups per row)`` per reader) for every block of the quantized prefix.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
+
 import numpy as np
 
-from ..costmodel import Kernel, Query, attention_flops, cost_model
+from ... import registry
+from ...oracle.kv_quant import composition_refusal
+from ..costmodel import Kernel, Query, cost_model, selection_rows
 
 
 def quantized_prefix(n, axis: str, residual: int, group: int, rule: str) -> np.ndarray:
@@ -22,30 +44,136 @@ def quantized_prefix(n, axis: str, residual: int, group: int, rule: str) -> np.n
     return (m // group) * group if (axis == "channel" and group) else m
 
 
-def scale_groups(n_q, axis: str, group: int, d: int) -> np.ndarray:
+def token_blocks(n_q, axis: str, group: int) -> np.ndarray:
+    """Token blocks of a quantized prefix of ``n_q`` tokens (per-token groups: one per token)."""
     if axis == "token":
-        return n_q * -(-d // (d if group == 0 else min(group, d)))
-    blocks = np.where(n_q > 0, 1, 0) if group == 0 else -(-n_q // group)
-    return blocks * d
+        return n_q
+    return np.where(n_q > 0, 1, 0) if group == 0 else -(-n_q // group)
 
 
-@cost_model("kv_quant", uses_budget=False,
+def groups_per_block(axis: str, group: int, d: int) -> int:
+    """Scale groups of one token block: ``ceil(d / G)`` per token, ``d`` (one per channel) per channel block."""
+    return -(-d // (d if group == 0 else min(group, d))) if axis == "token" else d
+
+
+def _base(q: Query):
+    """``(name, params, cost function)`` of the base method; refuses what the oracle refuses."""
+    base = q.params.get("base")
+    if base is None:
+        name, params = "dense", {}
+    elif isinstance(base, str):
+        name, params = base, {}
+    elif dataclasses.is_dataclass(base):
+        name, params = base.name, {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    elif isinstance(base, Mapping) and "name" in base:
+        params = dict(base)
+        name = params.pop("name")
+    else:
+        raise TypeError(f"base must be None, a method name, a Method or a mapping with 'name', got {base!r}")
+    entry = registry.get(name)
+    if entry.cost is None or entry.oracle is None:
+        raise ValueError(f"base {name!r} needs an oracle and a cost model")
+    why = composition_refusal(name, entry.oracle.stateful, params)
+    if why is not None:
+        raise ValueError(why)
+    return name, {**entry.cost.defaults, **params}, entry.cost
+
+
+def _sites(name: str, kernel: str) -> str:
+    if name == "retrieval_attention":
+        return {"static_attention": "static", "host_attention": "retrieved", "host_search": "scan"}.get(kernel, "rows")
+    if name == "sparq" and kernel == "sparq_approx_scores":
+        return "channels"
+    if name == "twilight" and kernel == "twilight_estimate":
+        return "candidates"
+    return "rows"
+
+
+@cost_model("kv_quant", uses_budget=False, layer_dependent=True,
             defaults=dict(base=None, key_bits=4, value_bits=4, key_axis="channel", value_axis="token",
                           group_size=32, residual=0, residual_rule="window", scale_bits=16))
 def cost(q: Query) -> list[Kernel]:
-    if q.params.get("base") is not None:
-        raise ValueError("the kv_quant cost model prices base=None (dense attention); price other methods "
-                         "on a quantized cache with the simulator's kv format (--kv int8 or int4)")
-    d, full = q.shape.d, q.key_row
+    if q.kv.scale_bytes:
+        raise ValueError(f"kv_quant quantizes with its own parameters; the KV format ({q.kv.name}) must be the full "
+                         f"precision of the residual and of the base's metadata (e.g. fp16), not a scaled format")
+    d, eb = q.shape.d, q.kv.element_bits
     pair = 2 * int(q.param("scale_bits")) // 8
     group, residual, rule = int(q.param("group_size")), int(q.param("residual")), q.param("residual_rule")
-    reads = {("hbm", "keys"): 0, ("hbm", "values"): 0, ("hbm", "metadata"): 0}
+    fmt = {}
     for tensor, bits, axis in (("keys", q.param("key_bits"), q.param("key_axis")),
                                ("values", q.param("value_bits"), q.param("value_axis"))):
         if (d * bits) % 8:
             raise ValueError(f"d={d} with {bits}-bit codes is not a whole number of bytes")
-        n_q = quantized_prefix(q.n, axis, residual, group, rule)
-        reads[("hbm", tensor)] = q.readers * (n_q * (d * bits // 8) + (q.n - n_q) * full)
-        reads[("hbm", "metadata")] = reads[("hbm", "metadata")] + q.readers * scale_groups(n_q, axis, group, d) * pair
-    return [Kernel("quantized_attention", reads=reads, flops=attention_flops(q, q.h_q * q.n),
-                   writes=q.h_q * q.shape.d_v * 2)]
+        fmt[tensor] = (quantized_prefix(q.n, axis, residual, group, rule), d * bits // 8, axis, bits)
+    name, params, base_cost = _base(q)
+    bp = base_cost.budget_param
+    own = params.get(bp) if bp else None
+    budget = np.where(q.budget > 0, q.budget, own or 0) if bp else q.budget
+    base_q = dataclasses.replace(q, params=params, budget=budget,
+                                 observed={k: v for k, v in q.observed.items() if k != "quant"})
+    measured = q.observed.get("quant", {})
+    out = []
+    for kernel in base_cost(base_q):
+        site = _sites(name, kernel.name)
+        reads: dict = {}
+
+        def add(key, b):
+            reads[key] = reads.get(key, 0) + b
+        for (mem, ten), b in kernel.reads.items():
+            b = np.asarray(b, dtype=np.int64)
+            if site == "channels" and ten in ("keys", "auxiliary"):
+                n_q, _, axis, bits = fmt["keys"]
+                readers = q.h_kv if (params.get("gqa") == "group" and q.share_kv_heads) else q.h_q
+                r_readers = (8 * b) // (q.n * eb)                 # r channels x readers (0 on a dense step)
+                total = r_readers * (n_q * bits + (q.n - n_q) * eb)
+                if np.any(total % 8):
+                    raise ValueError(f"SparQ's pass over the quantized keys at {bits} bits is not a whole "
+                                     f"number of bytes")
+                per_row = -(-d // (d if group == 0 else min(group, d))) if axis == "token" else d
+                groups = measured.get("channels", np.minimum(r_readers, readers * per_row))
+                add((mem, ten), total // 8)
+                add((mem, "metadata"), token_blocks(n_q, axis, group) * np.asarray(groups, dtype=np.int64) * pair)
+            elif ten in ("keys", "values"):
+                n_q, packed, axis, _ = fmt[ten]
+                row = q.key_row if ten == "keys" else q.value_row
+                if row == 0:                                       # values stored in the keys (MLA shapes)
+                    add((mem, ten), b)
+                    continue
+                rows = b // row
+                if np.any(rows * row != b):
+                    raise ValueError(f"kernel {kernel.name} reads {ten} that are not whole rows")
+                if site in measured and ten in measured[site]:
+                    quant, blocks = (np.asarray(x, dtype=np.int64) for x in measured[site][ten])
+                else:
+                    most = np.minimum(rows, q.readers * n_q)       # bounds on the quantized rows among them
+                    least = np.maximum(0, rows - q.readers * (q.n - n_q))
+                    quant = least if packed <= row else most       # the larger byte count
+                    blocks = np.minimum(most, q.readers * token_blocks(n_q, axis, group))
+                add((mem, ten), rows * row - quant * (row - packed))
+                add((mem, "metadata"), blocks * groups_per_block(axis, group, d) * pair)
+            else:
+                add((mem, ten), b)
+        k = dataclasses.replace(kernel, reads=reads)
+        if q.params.get("base") is None and kernel.name == "attention":
+            k = dataclasses.replace(k, name="quantized_attention")
+        out.append(k)
+    return out
+
+
+def observe(method, result, inp, *, h_kv, layout):
+    """The base's own measured sizes (on the dequantized cache) plus the quantized rows and blocks of
+    every cache read (``KVQuant.read_stats``)."""
+    base = method._base()
+    kh, vh = method.dequantized(inp.k, inp.v)
+    base_cost = registry.get(base.name).cost
+    if hasattr(base_cost, "observe"):
+        obs = dict(base_cost.observe(base, result, dataclasses.replace(inp, k=kh, v=vh), h_kv=h_kv, layout=layout))
+    else:
+        obs = {"rows": selection_rows(result.selection, h_kv, layout.page_size, layout.share_kv_heads)}
+    d = inp.k.shape[2]
+    reads = method.cache_reads(result.selection, h_kv=h_kv, d=d, layout=layout, inputs=(inp.q, kh, vh))
+    obs["quant"] = method.read_stats(reads, result.selection.n, d)
+    return obs
+
+
+cost.observe = observe
