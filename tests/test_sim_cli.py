@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from kvsparse.cli import main
@@ -47,7 +48,48 @@ def test_sweep_writes_csv_and_plot(tmp_path, capsys):
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 2 * 2 * 2 * 3
     assert {r["method"] for r in rows} == {"dense", "quest"} and png.stat().st_size > 0
-    assert "faster than dense from context" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "faster than dense from context" in text and "a row of panels per GPU: h100-sxm, a100-80gb" in text
+
+
+def plotted_gpus(fig, result) -> list[str]:
+    """Which swept GPU each row of the sweep figure shows, read from the plotted numbers (not titles)."""
+    c, b = result.contexts.size - 1, result.budgets.size // 2
+    axes = fig.axes
+    assert len(axes) == 2 * len(result.gpus)
+    shown = []
+    for row in range(len(axes) // 2):
+        ax_b, ax_c = axes[2 * row], axes[2 * row + 1]
+        match = [key for g, key in enumerate(result.gpus)
+                 if all(np.allclose(line.get_ydata(), result.step_seconds[m, g, :, c] * 1e3)
+                        for m, line in enumerate(ax_b.get_lines()))
+                 and all(np.allclose(line.get_ydata(), result.step_seconds[m, g, b, :] * 1e3)
+                         for m, line in enumerate(ax_c.get_lines()))]
+        assert len(match) == 1, f"row {row} matches GPUs {match}"
+        assert match[0] in ax_b.get_title() and match[0] in ax_c.get_title()
+        shown.append(match[0])
+    return shown
+
+
+def test_sweep_figure_has_a_row_per_gpu(monkeypatch):
+    import matplotlib.pyplot as plt
+    from kvsparse.sim import sweep as sw
+    res = sw.sweep("llama-3-8b", ["h100-sxm", "a100-80gb", "rtx-4090"], ["dense", "quest"], [512, 1024],
+                   [4096, 16384, 65536])
+    fig = sw.figure(res)
+    assert plotted_gpus(fig, res) == ["h100-sxm", "a100-80gb", "rtx-4090"]
+    plt.close(fig)
+    fig = sw.figure(res, gpus=["rtx-4090"])
+    assert [ax.get_title().split(" on ")[-1].split(",")[0] for ax in fig.axes[:1]] == ["rtx-4090"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="gpus"):
+        sw.figure(res, gpus=["tpu-v5"])
+    # planted bug: every row drawn from the first GPU (the old behaviour) is caught
+    real = sw._draw_gpu
+    monkeypatch.setattr(sw, "_draw_gpu", lambda a, b, r, g: real(a, b, r, 0))
+    fig = sw.figure(res)
+    assert plotted_gpus(fig, res) == ["h100-sxm"] * 3 != res.gpus
+    plt.close(fig)
 
 
 def test_budget_command(capsys):

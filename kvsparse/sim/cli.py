@@ -136,8 +136,12 @@ def cmd_sweep(args) -> int:
     res.write_csv(args.out)
     print(f"{res.n_configs} configurations in {dt:.3f} s ({res.n_configs / dt:,.0f}/s); wrote {args.out}")
     if args.plot:
-        plot(res, args.plot)
-        print(f"wrote {args.plot}")
+        try:
+            plot(res, args.plot)
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install 'kvsparse[plot]')")
+        else:
+            print(f"wrote {args.plot} (a row of panels per GPU: {', '.join(res.gpus)})")
     if "dense" in methods:
         be = res.break_even()
         rows = []
@@ -182,7 +186,7 @@ def register(subparsers) -> None:
     p.add_argument("--contexts", default="geom:1k:128k:8")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", default="sweep.csv")
-    p.add_argument("--plot", default=None, help="also write a PNG plot (needs matplotlib)")
+    p.add_argument("--plot", default=None, help="also write a PNG plot, a row of panels per GPU (needs matplotlib)")
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser("budget", help="largest budget meeting a target time per token")

@@ -2,7 +2,8 @@
 
 One cost-model call per method prices the whole (budget, context) grid with NumPy broadcasting; one
 timing pass per GPU turns it into seconds. On top: the break-even context from which a method is
-faster than dense attention, and the largest budget that meets a target time per token.
+faster than dense attention, the largest budget that meets a target time per token, and a plot with
+a row of panels per swept GPU.
 """
 from __future__ import annotations
 
@@ -144,22 +145,40 @@ def budget_for_target(model, gpu, method: str, context: int, target_seconds: flo
     return lo
 
 
-def plot(result: SweepResult, path, *, gpu_index: int = 0) -> None:
-    """Time per token against budget (one line per method, at the largest context) and against
-    context (at the median budget). Needs matplotlib (the ``plot`` extra)."""
+def _draw_gpu(ax_budget, ax_context, result: SweepResult, g: int) -> None:
+    """GPU ``g``'s row: time per token against budget (at the largest context) and against context
+    (at the median budget), one line per method."""
+    c, b = result.contexts.size - 1, result.budgets.size // 2
+    for m, name in enumerate(result.methods):
+        ax_budget.plot(result.budgets, result.step_seconds[m, g, :, c] * 1e3, marker=".", label=name)
+        ax_context.plot(result.contexts, result.step_seconds[m, g, b, :] * 1e3, marker=".", label=name)
+    ax_budget.set(xscale="log", xlabel="budget (tokens)", ylabel="ms per token",
+                  title=f"{result.model} on {result.gpus[g]}, context {result.contexts[c]}")
+    ax_context.set(xscale="log", xlabel="context (tokens)", ylabel="ms per token",
+                   title=f"{result.gpus[g]}, budget {result.budgets[b]}")
+    ax_budget.legend(fontsize=8)
+
+
+def figure(result: SweepResult, gpus: Sequence[str] | None = None):
+    """A matplotlib Figure with one row of two panels per GPU (``gpus``: keys to draw, default every
+    swept GPU, in sweep order). Each row has its own y axis: GPUs differ by orders of magnitude."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    c, b = result.contexts.size - 1, result.budgets.size // 2
-    for m, name in enumerate(result.methods):
-        ax1.plot(result.budgets, result.step_seconds[m, gpu_index, :, c] * 1e3, marker=".", label=name)
-        ax2.plot(result.contexts, result.step_seconds[m, gpu_index, b, :] * 1e3, marker=".", label=name)
-    ax1.set(xscale="log", xlabel="budget (tokens)", ylabel="ms per token",
-            title=f"{result.model} on {result.gpus[gpu_index]}, context {result.contexts[c]}")
-    ax2.set(xscale="log", xlabel="context (tokens)", ylabel="ms per token",
-            title=f"budget {result.budgets[b]}")
-    ax1.legend(fontsize=8)
+    keys = list(result.gpus) if gpus is None else [str(k) for k in gpus]
+    unknown = [k for k in keys if k not in result.gpus]
+    if unknown or not keys:
+        raise ValueError(f"gpus must name swept GPUs ({', '.join(result.gpus)}), got {gpus!r}")
+    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.6 * len(keys)), squeeze=False)
+    for row, key in zip(axes, keys):
+        _draw_gpu(row[0], row[1], result, result.gpus.index(key))
     fig.tight_layout()
+    return fig
+
+
+def plot(result: SweepResult, path, *, gpus: Sequence[str] | None = None) -> None:
+    """Write :func:`figure` (a row of panels per GPU) to ``path``. Needs matplotlib (the ``plot`` extra)."""
+    import matplotlib.pyplot as plt
+    fig = figure(result, gpus)
     fig.savefig(path, dpi=120)
     plt.close(fig)
