@@ -44,6 +44,9 @@ it, which is what the reference preset does for D only).
   ``delta/2``: ``Var D^ <= (e2 D)^2 (delta/2) / (1 - delta/2)``. ``b`` is the smallest integer meeting
   both, minimised over ``e2`` on a fixed grid (64 points in (0, 1)). No asymptotics: the bound holds
   for every ``n_s >= 1`` and every score distribution; the price is ``1/delta`` instead of ``z^2``.
+  With ``sampling="with_replacement"`` (Hansen-Hurwitz) the exact mean square has no finite-population
+  factor: ``E||W||^2 = n_s^2 sigma_y^2 / b = n_s (n_s - 1) S_y^2 / b`` (``sigma_y^2`` with divisor
+  ``n_s``), and likewise ``Var D^``; the rule then uses these.
 * ``"reference"`` (xAlg-ai/sparse-attention-hub ``AdaptiveSamplingMasker``, see
   ``research/recall.md`` §7.3): denominator only, one-sided ``z = Phi^-1(1 - delta)``. Window
   ``[sinks, n - local)`` (it contains the top-k slots), ``n_w`` its length; ``n_w < 2`` attends
@@ -54,6 +57,28 @@ it, which is what the reference preset does for D only).
   ``apply_inv_mask_sum`` returns the full sum, reproduced). ``b = floor(clip((z sigma^ n_w /
   max(eps D^0, 1e-8))^2, 1, n_w))``, then clipped to ``[b0, n_w]``. The base sample is not attended.
   ``base_rate = 0`` attends F only.
+
+Both rules: ``b`` is at most ``n_s``. Without replacement ``b = n_s`` reads the whole domain (exact).
+With ``sampling="with_replacement"`` ``n_s`` draws are not exact, so a rule asking for ``b >= n_s``
+(its bound may need more draws than there are slots, or infinitely many) gets the domain attended
+exactly instead: the head's plan moves the domain into F with no sample (zero error, the claims
+hold). ``"with_replacement_dedup"`` keeps ``b = n_s`` draws (and uses the with-replacement
+variances); it claims nothing (below).
+
+Domain. ``domain="residual"`` (canonical) samples ``R``. ``domain="window"`` samples
+``[sinks, n - local)``, which contains the top-k slots of F; a drawn slot of F adds nothing to the
+sample estimate (below), so both rules compute their statistics over the window with those slots
+set to 0 (``exclude``): the estimators are then HT/HH estimators of the window population
+``{y_j for j outside F, 0 on F}``, whose total is the residual total, and every derivation above
+holds with ``n_s = n_w`` (the window's length).
+
+Claims (``claims()``): ``"clt"`` and ``"chebyshev"`` claim their targets only where their derivation
+applies: sampling without replacement or with replacement (Hansen-Hurwitz), either domain, and
+``weight_guard = 0``. With ``sampling="with_replacement_dedup"`` (biased, below) or a nonzero
+``weight_guard`` (biased HT factors) there is no derivation and ``claims()`` is empty: such a
+configuration promises nothing, and the verifier tests nothing for it. The ``"reference"`` rule
+claims what the reference code is meant to deliver (D at ``(eps, delta)``); the docs measure where
+it does not.
 
 Sampling (``sampling``): ``"without_replacement"`` (weight ``n_s/b``); ``"with_replacement"``
 (Hansen-Hurwitz: an index drawn ``c`` times gets ``c n_s/b``; unbiased); ``"with_replacement_dedup"``
@@ -136,7 +161,8 @@ class HeadPlan:
     """Everything about one query head's step except the random draw.
 
     ``fixed``: slots attended with weight ``fixed_weight``; ``domain``: the sampling population
-    (sorted); ``budgets[t]``: the sample size of trial ``t``; a drawn slot ``j`` gets weight
+    (sorted; empty, with budgets 0, where the rule attends it exactly, e.g. a with-replacement budget
+    ``>= n_s``); ``budgets[t]``: the sample size of trial ``t``; a drawn slot ``j`` gets weight
     ``1 / (b / population + guard)`` per draw (or once, for ``with_replacement_dedup``) unless it is in
     ``fixed``. ``full``: the step attends every slot exactly (reference rule, ``n_w < 2``).
     """
@@ -154,7 +180,7 @@ class HeadPlan:
     def sample_weight(self, b):
         """HT factor of one draw when the sample has size ``b`` (array or scalar)."""
         b = np.asarray(b, dtype=np.float64)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):      # an empty domain: no draw to weight
             return 1.0 / (b / self.population + self.guard)
 
 
@@ -219,11 +245,16 @@ class VAttention(Method):
 
         Targets are ``"numerator"`` (``||N^ - N|| > e ||N||``), ``"denominator"`` (``|D^ - D| > e D``)
         and ``"output"`` (``||o^ - o|| > e ||o||``); each event must have probability at most the stated one.
+        Empty where no derivation covers the configuration (module docstring, "Claims").
         """
         eps, dlt = self.epsilon, self.delta
+        if self.budget_rule == "reference":
+            return {"denominator": (eps, dlt)}
+        if self.sampling == "with_replacement_dedup" or self.weight_guard != 0:
+            return {}
         if self.budget_rule == "chebyshev":
             return {"output": (eps, dlt)}
-        if self.budget_rule == "reference" or self.targets == "denominator":
+        if self.targets == "denominator":
             return {"denominator": (eps, dlt)}
         e = output_split(eps)
         return {"numerator": (e, dlt / 2), "denominator": (e, dlt / 2), "output": (eps, dlt)}
@@ -274,7 +305,10 @@ class VAttention(Method):
                 continue
             domain = others[h] if self.domain == "residual" else self._window(sh.n)
             b = self._budget(x[h], v[kv[h]], fixed[h], domain)
-            heads.append(self._head(fixed[h], domain, np.full(trials, b, dtype=np.int64)))
+            fx = fixed[h]
+            if self.sampling == "with_replacement" and domain.size and b >= domain.size:
+                fx, domain, b = np.union1d(fx, domain), domain[:0], 0     # attend the domain exactly
+            heads.append(self._head(fx, domain, np.full(trials, b, dtype=np.int64)))
         return Plan(tuple(heads), s)
 
     def _window(self, n: int) -> np.ndarray:
@@ -289,9 +323,11 @@ class VAttention(Method):
         n_s = domain.size
         if n_s == 0:
             return 0
+        exclude = fixed if self.domain == "window" else None
         if self.budget_rule == "clt":
-            return clt_budget(x, v, domain, self.epsilon, self.delta, self.targets)
-        return chebyshev_budget(x, v, domain, self.epsilon, self.delta)
+            return clt_budget(x, v, domain, self.epsilon, self.delta, self.targets, exclude=exclude)
+        return chebyshev_budget(x, v, domain, self.epsilon, self.delta, exclude=exclude,
+                                replacement=self.sampling != "without_replacement")
 
     def _reference_head(self, x, fixed, n, trials, rng, base) -> HeadPlan:
         window = self._window(n)
@@ -383,15 +419,24 @@ def _ceil_budget(value: float, n_s: int) -> int:
     return max(1, min(n_s, math.ceil(value)))
 
 
-def clt_budget(x, v, domain, epsilon: float, delta: float, targets: str = "output") -> int:
+def _domain_terms(x, domain, exclude) -> np.ndarray:
+    """``x`` over ``domain``, 0 on the slots of ``exclude`` (they lie in F: a draw of one adds nothing)."""
+    xr = x[domain]
+    if exclude is not None and len(exclude):
+        xr = np.where(np.isin(domain, exclude), 0.0, xr)
+    return xr
+
+
+def clt_budget(x, v, domain, epsilon: float, delta: float, targets: str = "output", *, exclude=None) -> int:
     """The paper's CLT sample size (module docstring) from the exact statistics of ``domain``.
 
-    ``x [n]`` are the shifted exponentials of all slots, ``v [n, d]`` the values.
+    ``x [n]`` are the shifted exponentials of all slots, ``v [n, d]`` the values; slots of ``exclude``
+    inside ``domain`` count as 0 (``domain="window"``: the deterministic set).
     """
     n_s = domain.size
     if n_s == 0:
         return 0
-    xr = x[domain]
+    xr = _domain_terms(x, domain, exclude)
     denom_total = x.sum()
     if targets == "denominator":
         z = normal_quantile(1 - delta / 2)
@@ -408,29 +453,41 @@ def clt_budget(x, v, domain, epsilon: float, delta: float, targets: str = "outpu
     return _ceil_budget(max(b_d, b_n), n_s)
 
 
-def _smallest_b(n_s: int, s2: float, allowed_var: float) -> np.ndarray | int:
-    """Smallest ``b`` in ``[1, n_s]`` with ``n_s^2 (1/b - 1/n_s) s2 <= allowed_var`` (SRSWOR variance)."""
+def _smallest_b(n_s: int, s2: float, allowed_var: float, replacement: bool = False) -> np.ndarray | int:
+    """Smallest ``b`` in ``[1, n_s]`` with ``n_s^2 (1/b - 1/n_s) s2 <= allowed_var`` (SRSWOR variance), or
+    with ``n_s (n_s - 1) s2 / b <= allowed_var`` (``replacement``: Hansen-Hurwitz); ``n_s`` if none."""
     s2 = np.asarray(s2, dtype=np.float64)
     allowed = np.asarray(allowed_var, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        need = n_s / (1.0 + allowed / (n_s * s2))   # = 1 / (1/n_s + allowed / (n_s^2 s2))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if replacement:
+            need = n_s * (n_s - 1) * s2 / allowed
+        else:
+            need = n_s / (1.0 + allowed / (n_s * s2))   # = 1 / (1/n_s + allowed / (n_s^2 s2))
     need = np.where(s2 > 0, need, 1.0)
-    b = np.clip(np.ceil(need), 1, n_s)
+    b = np.clip(np.nan_to_num(np.ceil(need), nan=n_s, posinf=n_s), 1, n_s)
     # guard the float ceiling: step up while the exact inequality fails
-    var = lambda bb: n_s * n_s * (1.0 / bb - 1.0 / n_s) * s2
+    if replacement:
+        var = lambda bb: n_s * (n_s - 1) * s2 / bb
+    else:
+        var = lambda bb: n_s * n_s * (1.0 / bb - 1.0 / n_s) * s2
     for _ in range(3):
         b = np.where((var(b) > allowed) & (b < n_s), b + 1, b)
     return b
 
 
-def chebyshev_budget(x, v, domain, epsilon: float, delta: float) -> int:
-    """The conservative (Chebyshev + Cantelli) sample size of the module docstring."""
+def chebyshev_budget(x, v, domain, epsilon: float, delta: float, *, exclude=None,
+                     replacement: bool = False) -> int:
+    """The conservative (Chebyshev + Cantelli) sample size of the module docstring.
+
+    ``replacement``: the variances of sampling with replacement (no finite-population factor); a
+    result of ``n_s`` then means "attend the domain exactly". ``exclude``: as in ``clt_budget``.
+    """
     n_s = domain.size
     if n_s <= 1:
         return n_s
     denom_total = x.sum()
     o = (x @ v) / denom_total
-    xr = x[domain]
+    xr = _domain_terms(x, domain, exclude)
     y = xr[:, None] * (v[domain] - o)
     s2_y = y.var(axis=0, ddof=1).sum()
     s2_x = xr.var(ddof=1)
@@ -439,7 +496,7 @@ def chebyshev_budget(x, v, domain, epsilon: float, delta: float) -> int:
     e2 = CHEBYSHEV_E2_GRID
     allowed_w = half * (epsilon * (1 - e2) * o_norm * denom_total) ** 2
     allowed_d = (e2 * denom_total) ** 2 * half / (1 - half)
-    b = np.maximum(_smallest_b(n_s, s2_y, allowed_w), _smallest_b(n_s, s2_x, allowed_d))
+    b = np.maximum(_smallest_b(n_s, s2_y, allowed_w, replacement), _smallest_b(n_s, s2_x, allowed_d, replacement))
     return int(b.min())
 
 

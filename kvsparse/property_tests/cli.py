@@ -4,11 +4,19 @@ from __future__ import annotations
 import time
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _floats(text: str, name: str) -> tuple[float, ...]:
     try:
         return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str, name: str) -> int | float:
+    """An int (tokens) or, with a decimal point, a float (fraction of n)."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an int (tokens) or a float (fraction of n), got {text!r}") from None
 
 
 def cmd_vattention_audit(args) -> int:
@@ -18,9 +26,10 @@ def cmd_vattention_audit(args) -> int:
 
     families = tuple(f for f in args.families.split(",") if f)
     variants = tuple(f for f in args.variants.split(",") if f)
-    heavy = float(args.heavy) if "." in args.heavy else int(args.heavy)
+    heavy = _size(args.heavy, "--heavy")
     t0 = time.perf_counter()
-    rows = va.audit(variants=variants, families=families, epsilons=_floats(args.eps), deltas=_floats(args.delta),
+    rows = va.audit(variants=variants, families=families, epsilons=_floats(args.eps, "--eps"),
+                    deltas=_floats(args.delta, "--delta"),
                     n=args.n, d=args.d, trials=args.trials, sinks=args.sinks, local=args.local, heavy=heavy,
                     share=args.share, alpha=args.alpha, seed=args.seed)
     print(f"vAttention audit: {args.trials} trials per cell, n={args.n}, d={args.d}, sinks={args.sinks}, "
@@ -28,7 +37,7 @@ def cmd_vattention_audit(args) -> int:
           f"binomial test rejects 'failure rate <= claimed delta' for some claimed target (false alarm "
           f"<= {args.alpha:g} per cell). 'read' = mean fraction of the n tokens attended.\n")
     print(format_table(rows))
-    exceeded = sum(r["verdict"] != "ok" for r in rows)
+    exceeded = sum(r["verdict"] == "EXCEEDS" for r in rows)
     print(f"\n{len(rows)} cells, {exceeded} exceed their claim; {time.perf_counter() - t0:.1f} s")
     if args.plot:
         if va.plot_audit(rows, args.plot):
