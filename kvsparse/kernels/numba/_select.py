@@ -5,6 +5,32 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .attention import FASTMATH
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+def channel_logits(q, k, channels, factor):
+    """``[H_q, n]`` float64 ``factor[h] * sum_{c in channels[h]} q[h, c] k[j, c]``, summed in float64 from
+    the input dtype. Each K row is read once for its KV group (row-major keys: touching r of d channels
+    costs the row's cache lines anyway), r multiply-adds per query head. Tasks: KV head x 64 slices of
+    the sequence, so 2 cores stay busy with few KV heads. SparQ's reduced logits; all channels and
+    ``factor = scale`` are exact-precision logits (vAttention's plan)."""
+    h_q, r = channels.shape
+    h_kv, n, _ = k.shape
+    g = h_q // h_kv
+    s = np.empty((h_q, n), np.float64)
+    for task in numba.prange(h_kv * 64):
+        kvh, part = task // 64, task % 64
+        for j in range(part * n // 64, (part + 1) * n // 64):
+            for gi in range(g):
+                h = kvh * g + gi
+                acc = 0.0
+                for c in range(r):
+                    ch = channels[h, c]
+                    acc += np.float64(q[h, ch]) * np.float64(k[kvh, j, ch])
+                s[h, j] = acc * factor[h]
+    return s
+
 
 @numba.njit(cache=True)
 def kth_largest(scores, k):

@@ -2,41 +2,18 @@
 tokens (core tie rule), exact attention over them, ``alpha * y + (1 - alpha) * mean(V)``.
 
 Every convention is the oracle's (``kvsparse.oracle.sparq.SparQ``; the kernel reads its fields).
-Channels, tau and alpha are computed in float64; the approximate logits (``reduced_logits``: r channels
+Channels, tau and alpha are computed in float64; the approximate logits (``_select.channel_logits``: r channels
 per query head, each K row read once per group) accumulate in float64 from the input dtype (the
 suite's band rule bounds any rounding at the top-k cut-off).
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from ...oracle import core
 from ...registry import register_kernel
-from ._select import attend_token_mask, full_indices, topk_mask
-from .attention import FASTMATH, check_float_arrays, dense_attention
-
-
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
-def reduced_logits(q, k, channels, inv_tau):
-    """``[H_q, n]`` float64 ``inv_tau[h] * sum_{c in channels[h]} q[h, c] k[j, c]``: each K row is read once
-    for its KV group (row-major keys: touching r of d channels costs the row's cache lines anyway),
-    r multiply-adds per query head instead of d. Tasks: KV head x 64 slices of the sequence."""
-    h_q, r = channels.shape
-    h_kv, n, _ = k.shape
-    g = h_q // h_kv
-    s = np.empty((h_q, n), np.float64)
-    for task in numba.prange(h_kv * 64):
-        kvh, part = task // 64, task % 64
-        for j in range(part * n // 64, (part + 1) * n // 64):
-            for gi in range(g):
-                h = kvh * g + gi
-                acc = 0.0
-                for c in range(r):
-                    ch = channels[h, c]
-                    acc += np.float64(q[h, ch]) * np.float64(k[kvh, j, ch])
-                s[h, j] = acc * inv_tau[h]
-    return s
+from ._select import attend_token_mask, channel_logits, full_indices, topk_mask
+from .attention import check_float_arrays, dense_attention
 
 
 def approximate(method, q, k):
@@ -56,7 +33,7 @@ def approximate(method, q, k):
     l1_chosen = np.where(chosen, np.abs(q64), 0.0).sum(axis=1)
     ratio = np.divide(l1_chosen, l1_all, out=np.ones(h_q), where=l1_all > 0)
     inv_tau = 1.0 / np.sqrt(d * ratio)
-    s = reduced_logits(q, k, np.ascontiguousarray(channels), inv_tau)
+    s = channel_logits(q, k, np.ascontiguousarray(channels), inv_tau)
     if k_sel >= n:
         return s, s, None
     rank_by = s

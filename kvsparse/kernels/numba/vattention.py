@@ -26,29 +26,10 @@ import numpy as np
 from ...oracle.vattention import (CHEBYSHEV_E2_GRID, VAttention, _size, normal_quantile, output_split,
                                   reference_base_count, reference_budgets)
 from ...registry import register_kernel
-from ._select import topk_set
-from .attention import FASTMATH, _scale, attend_selection, check_float_arrays
+from ._select import channel_logits, topk_set
+from .attention import _scale, attend_selection, check_float_arrays
 
 RULE_CLT, RULE_CHEBYSHEV, RULE_REFERENCE = 0, 1, 2
-
-
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
-def logits_float64(q, k, scale):
-    """``[H_q, n]`` float64 ``scale * q . k``, each K row read once per KV group."""
-    h_q, d = q.shape
-    h_kv, n, _ = k.shape
-    g = h_q // h_kv
-    s = np.empty((h_q, n), np.float64)
-    for task in numba.prange(h_kv * 64):
-        kvh, part = task // 64, task % 64
-        for j in range(part * n // 64, (part + 1) * n // 64):
-            for gi in range(g):
-                h = kvh * g + gi
-                acc = 0.0
-                for c in range(d):
-                    acc += np.float64(q[h, c]) * np.float64(k[kvh, j, c])
-                s[h, j] = acc * scale
-    return s
 
 
 @numba.njit(cache=True)
@@ -225,7 +206,7 @@ def vattention(method: VAttention, q, k, v, *, positions=None, scale=None, rng=N
     n = k.shape[1]
     s_scale = _scale(scale, d)
     rng = np.random.default_rng(method.seed) if rng is None else rng
-    s = logits_float64(q, k, s_scale)
+    s = channel_logits(q, k, np.tile(np.arange(d), (h_q, 1)), np.full(h_q, s_scale))
     if method.selector is not None:
         rank = np.asarray(method.selector(q.astype(np.float64), k.astype(np.float64)), dtype=np.float64)
         if rank.shape != (h_q, n):
