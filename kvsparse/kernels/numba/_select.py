@@ -53,6 +53,27 @@ def kth_largest(scores, k):
 
 
 @numba.njit(cache=True)
+def partition3(a, lo, hi):
+    """Descending three-way partition of ``a[lo..hi]`` around a median-of-three pivot, in place:
+    ``[lo, gt) > pivot``, ``[gt, lt] == pivot``, ``(lt, hi] < pivot``. Returns ``(pivot, gt, lt)``."""
+    mid = (lo + hi) // 2
+    x, y, z = a[lo], a[mid], a[hi]
+    pivot = max(min(x, y), min(max(x, y), z))
+    gt, i, lt = lo, lo, hi
+    while i <= lt:
+        if a[i] > pivot:
+            a[gt], a[i] = a[i], a[gt]
+            gt += 1
+            i += 1
+        elif a[i] < pivot:
+            a[lt], a[i] = a[i], a[lt]
+            lt -= 1
+        else:
+            i += 1
+    return pivot, gt, lt
+
+
+@numba.njit(cache=True)
 def _quickselect(a, k):
     """``k``-th largest of ``a`` (reordered in place): three-way quickselect, median-of-three pivot;
     equal values are grouped, so many ties stay linear. Compiles far faster than ``np.partition``."""
@@ -61,21 +82,7 @@ def _quickselect(a, k):
     while True:
         if lo == hi:
             return a[lo]
-        mid = (lo + hi) // 2
-        x, y, z = a[lo], a[mid], a[hi]
-        pivot = max(min(x, y), min(max(x, y), z))
-        # descending three-way partition: [lo, gt) > pivot, [gt, i) == pivot, (lt, hi] < pivot
-        gt, i, lt = lo, lo, hi
-        while i <= lt:
-            if a[i] > pivot:
-                a[gt], a[i] = a[i], a[gt]
-                gt += 1
-                i += 1
-            elif a[i] < pivot:
-                a[lt], a[i] = a[i], a[lt]
-                lt -= 1
-            else:
-                i += 1
+        pivot, gt, lt = partition3(a, lo, hi)
         if target < gt:
             hi = gt - 1
         elif target <= lt:

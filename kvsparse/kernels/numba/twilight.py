@@ -5,6 +5,11 @@ the reference's threshold bisection), exact attention over it.
 Every convention is the oracle's (``kvsparse.oracle.twilight.Twilight``). Estimates are float64;
 mass sums are compensated (Neumaier), which decides ``sum >= p`` like the oracle's exactly rounded
 ``math.fsum`` except when a prefix sum lies within ~1e-32 of ``p``.
+
+Where the time goes (benchmarks/numba.md, "Every kernel vs its oracle"): the fake-quantized estimate
+of every candidate row, the base selector (Quest's page min/max reads the whole cache unless a decoder
+passes them), and the attention over the group's union of kept sets. The top-p cut is one weighted
+quickselect per head, heads in parallel.
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ import numpy as np
 
 from ...oracle.double_sparsity import DoubleSparsity
 from ...registry import register_kernel
-from ._select import attend_token_mask, full_indices, kth_largest, topk_mask, topk_set
-from .attention import check_float_arrays, dense_attention
+from ._select import attend_token_mask, full_indices, partition3, topk_mask, topk_set
+from .attention import _dot, check_float_arrays, dense_attention
 from .double_sparsity import _fake_quantize_inplace
 from .double_sparsity import scores as ds_scores
 from .quest import quest_mask
@@ -47,10 +52,7 @@ def estimated_probabilities(q, k, cand, bits, scale):
             for gi in range(g):
                 h = kvh * g + gi
                 if cand[h, j]:
-                    acc = 0.0
-                    for c in range(d):
-                        acc += row[c] * np.float64(q[h, c])
-                    probs[h, j] = acc * scale
+                    probs[h, j] = _dot(q[h], row) * scale   # float64, vectorised (reassociated) sum
                     mx[gi] = max(mx[gi], probs[h, j])
         for gi in range(g):
             h = kvh * g + gi
@@ -85,42 +87,47 @@ def _mass_above(p, thr):
 
 
 @numba.njit(cache=True)
-def _top_mass(p, count):
-    """Mass of the ``count`` largest entries: everything above the count-th value plus its ties."""
-    if count == 0:
-        return 0.0
-    kth = kth_largest(p, count)
-    s, c = 0.0, 0.0
-    above = 0
-    for x in p:
-        if x > kth:
-            s, c = _neumaier_add(s, c, x)
-            above += 1
-    for _ in range(count - above):
-        s, c = _neumaier_add(s, c, kth)
-    return s + c
+def _top_p_count(p, target):
+    """Length of the shortest prefix (largest entries first) whose compensated mass reaches ``target``;
+    ``m`` if none does. One weighted quickselect (expected O(m), no sort): partition around a pivot;
+    if the entries above it, on top of the mass already committed, reach the target the cut lies among
+    them, otherwise commit them and then the pivot's ties one at a time. Tied values have equal mass
+    whichever of them a prefix holds, so only the length matters."""
+    m = p.shape[0]
+    if m == 0:
+        return 0
+    if not target > 0:
+        return 1
+    a = p.copy()
+    lo, hi = 0, m - 1
+    s, c = 0.0, 0.0           # compensated mass of the committed entries (each above all of a[lo..hi])
+    count = 0
+    while lo <= hi:
+        pivot, gt, lt = partition3(a, lo, hi)     # [lo, gt) > pivot, [gt, lt] == pivot, (lt, hi] < pivot
+        s1, c1 = s, c
+        for j in range(lo, gt):
+            s1, c1 = _neumaier_add(s1, c1, a[j])
+        if s1 + c1 >= target:
+            hi = gt - 1       # non-empty: the committed mass alone is below the target
+            continue
+        s, c, count = s1, c1, count + (gt - lo)
+        for _ in range(lt - gt + 1):
+            s, c = _neumaier_add(s, c, pivot)
+            count += 1
+            if s + c >= target:
+                return count
+        lo = lt + 1
+    return m
 
 
 @numba.njit(cache=True)
 def top_p_sort(p, target):
     """Mask of the shortest prefix (core tie rule order) whose mass reaches ``target``; all if none does.
 
-    No sort: the prefix mass is monotone in its length, so the length is found by bisection, each
-    probe a quickselect (tied values have equal mass whichever of them a prefix holds); the kept set
-    is then the top-length set under the tie rule (lower index first)."""
-    m = p.shape[0]
-    keep = np.zeros(m, np.bool_)
-    if _top_mass(p, m) < target:
-        keep[:] = True
-        return keep
-    lo, hi = 1, m
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _top_mass(p, mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    for i in topk_set(p, lo):
+    No sort: ``_top_p_count`` finds the length, then the kept set is the top-length set under the tie
+    rule (lower index first)."""
+    keep = np.zeros(p.shape[0], np.bool_)
+    for i in topk_set(p, _top_p_count(p, target)):
         keep[i] = True
     return keep
 
@@ -147,12 +154,12 @@ def top_p_search(p, target, high, epsilon):
     raise RuntimeError("top_p_search did not stop")
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def prune(probs, cand, target, search, bracket_first, epsilon):
-    """``[H_q, n]`` kept mask: per head, top-p over its candidates (ascending token order)."""
+    """``[H_q, n]`` kept mask: per head (in parallel), top-p over its candidates (ascending token order)."""
     h_q, n = probs.shape
     kept = np.zeros((h_q, n), np.bool_)
-    for h in range(h_q):
+    for h in numba.prange(h_q):
         idx = np.flatnonzero(cand[h])
         if idx.size == 0:
             continue
@@ -171,8 +178,9 @@ def prune(probs, cand, target, search, bracket_first, epsilon):
     return kept
 
 
-def candidates(method, q, k):
-    """The base selector's ``[H_q, n]`` candidate mask (all True on a dense step)."""
+def candidates(method, q, k, *, kmin=None, kmax=None):
+    """The base selector's ``[H_q, n]`` candidate mask (all True on a dense step); ``kmin``/``kmax``:
+    a Quest base's page metadata, when a decoder maintains it."""
     h_q, n = q.shape[0], k.shape[1]
     base = method.base
     if method.dense_layer:
@@ -181,16 +189,19 @@ def candidates(method, q, k):
         if base.is_dense(n):
             return np.ones((h_q, n), bool)
         return topk_mask(ds_scores(base, q, k), base.token_budget)
-    mask = quest_mask(base, q, k)
+    mask = quest_mask(base, q, k, kmin=kmin, kmax=kmax)
     return np.ones((h_q, n), bool) if mask is None else mask
 
 
 @register_kernel("twilight", "numba")
-def twilight(method, q, k, v, *, positions=None, scale=None):
-    """Kernel-step contract: ``(out [H_q, d], indices per query head)``; ``method`` is a ``Twilight``."""
+def twilight(method, q, k, v, *, positions=None, scale=None, kmin=None, kmax=None):
+    """Kernel-step contract: ``(out [H_q, d], indices per query head)``; ``method`` is a ``Twilight``.
+
+    ``kmin``/``kmax`` (``quest.page_metadata(k, P)`` of a Quest base, maintained by a decoder) may be
+    passed; otherwise the base computes them, which reads every key row."""
     q, k, v = check_float_arrays(q, k, v)
     h_q, n = q.shape[0], k.shape[1]
-    cand = candidates(method, q, k)
+    cand = candidates(method, q, k, kmin=kmin, kmax=kmax)
     if method.dense_layer or method.p >= 1:
         if cand.all():
             return dense_attention(q, k, v, scale=scale)[0], full_indices(h_q, n)
