@@ -163,7 +163,7 @@ def test_step_rejects_bad_inputs_naming_the_argument(name):
 def test_step_rejects_bad_scale_and_positions(name):
     method = _canonical(name)
     if not _has_step(method):
-        pytest.skip(f"{name} is stateful: prefill/decode are its entry points (no scale argument)")
+        pytest.skip(f"{name} is stateful: prefill/decode are its entry points (their scale: below)")
     q, k, v, _ = step_cases()
     for scale in (0.0, -1.0, float("nan"), float("inf"), "0.5", True):
         assert_rejected(method.step, q, k, v, scale=scale, names=("scale",))
@@ -197,6 +197,23 @@ def test_prefill_and_decode_reject_bad_inputs_naming_the_argument(name):
     except pytest.fail.Exception as exc:
         failures.append(f"decode with a wrong state: {exc}")
     assert not failures, f"{name}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_prefill_and_decode_reject_a_bad_or_inconsistent_scale(name):
+    """A bad scale names ``scale``; so does a decode whose scale is not the one the state was prefilled with."""
+    method = _canonical(name)
+    qp, kp, vp, _ = sequence_cases()
+    q, kn, vn, _ = token_cases()
+    for scale in (0.0, -1.0, float("nan"), float("inf"), "0.5", True):
+        assert_rejected(method.prefill, qp, kp, vp, scale=scale, names=("scale",))
+        assert_rejected(method.decode, method.prefill(qp, kp, vp), q, kn, vn, scale=scale, names=("scale",))
+    state = method.prefill(qp, kp, vp, scale=0.25)
+    exc = assert_rejected(method.decode, state, q, kn, vn, scale=0.5, names=("scale",))
+    assert "prefilled with (0.25)" in str(exc)
+    assert_rejected(method.decode, method.prefill(qp, kp, vp), q, kn, vn, scale=0.25, names=("scale",))
+    method.decode(state, q, kn, vn, scale=0.25)      # the same scale, or none (the state's), is fine
+    method.decode(state, q, kn, vn)
 
 
 # --- structural methods' own entry points ------------------------------------------------------

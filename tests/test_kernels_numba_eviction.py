@@ -66,8 +66,8 @@ class EvictsTheWrongToken(H2OKernel):
 class PoolsTheWrongWay(SnapKVKernel):
     """Planted bug: keeps the prefix tokens with the LOWEST window votes."""
 
-    def unit_scores(self, method, q_prompt, k_prompt):
-        s = super().unit_scores(method, q_prompt, k_prompt)
+    def unit_scores(self, method, q_prompt, k_prompt, *, scale=None):
+        s = super().unit_scores(method, q_prompt, k_prompt, scale=scale)
         return np.where(np.isfinite(s), -s, s)
 
 

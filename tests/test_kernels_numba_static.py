@@ -127,8 +127,8 @@ def test_corm_suite_catches_a_longer_window():
     base = kernel("corm")
 
     class LateEviction:
-        def prefill(self, method, *a):
-            return base.prefill(dataclasses.replace(method, window=method.window + 1), *a)
+        def prefill(self, method, *a, scale=None):
+            return base.prefill(dataclasses.replace(method, window=method.window + 1), *a, scale=scale)
 
         def decode(self, method, state, *a, scale=None):
             return base.decode(dataclasses.replace(method, window=method.window + 1), state, *a, scale=scale)
@@ -157,8 +157,8 @@ def test_clusterkv_suite_catches_an_off_by_one_budget():
     base = kernel("clusterkv")
 
     class OneTooMany:
-        def prefill(self, method, *a):
-            return base.prefill(method, *a)
+        def prefill(self, method, *a, scale=None):
+            return base.prefill(method, *a, scale=scale)
 
         def decode(self, method, state, *a, scale=None):
             return base.decode(dataclasses.replace(method, budget=method.budget + 1), state, *a, scale=scale)

@@ -160,3 +160,35 @@ def test_h2o_mask_sim_is_refused_clearly():
     x = np.zeros((3, 1, 4), np.float32)
     with pytest.raises(ValueError, match="execution='drop'"):
         kernel.prefill(H2O(execution="mask_sim"), x, x, x)
+
+
+@pytest.mark.parametrize("method", [H2O(heavy=3, recent=1), SnapKV(window=2, capacity=6, kernel=1, pool="none"),
+                                    PyramidKV(window=2, capacity=6, beta=2, layer=1, num_layers=3, kernel=1,
+                                              pool="max")], ids=lambda m: m.name)
+def test_stateful_kernels_honour_the_scale_in_prefill_and_decode(method):
+    """The prompt's scores and every step use the scale given to prefill; a kernel whose prefill
+    ignores it (decode honours it) is caught."""
+    from kvsparse.property_tests import suites_eviction
+    from kvsparse.property_tests.sequences import make_decode_sequence
+    kernel = triton_kernel(method.name)
+    seq = make_decode_sequence(13, 2, 1, 8, prefill_len=10, seed=4)
+    suites_eviction.remember(seq.q_seq, seq.k_seq)
+    scores = suites.suite_for(method.name).scores
+
+    def check(k, scale):
+        return suites.check_decode(method, k, seq.q_seq, seq.k_seq, seq.v_seq, prefill_len=seq.prefill_len,
+                                   scale=scale, scores=scores)
+
+    class PrefillIgnoresScale:
+        def prefill(self, method, *a, scale=None):
+            state = kernel.prefill(method, *a)
+            state.extra["scale"] = scale
+            return state
+
+        def decode(self, method, state, *a, scale=None):
+            return kernel.decode(method, state, *a, scale=scale)
+
+    assert all(v.ok for v in check(kernel, 2.0)), str(check(kernel, 2.0)[-1])
+    assert all(v.ok for v in check(PrefillIgnoresScale(), None))      # nothing differs at the default scale
+    verdicts = check(PrefillIgnoresScale(), 2.0)
+    assert not verdicts[-1].ok and verdicts[-1].failures[0].name == "selection", str(verdicts[-1])

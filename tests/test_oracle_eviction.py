@@ -568,3 +568,49 @@ def test_old_states_stay_valid_after_branching():
     np.testing.assert_array_equal(r1.output, r1c.output)
     assert not np.array_equal(r1b.output, r1.output)
     np.testing.assert_array_equal(s1.keys(), s1c.keys())
+
+
+# --- the softmax scale: every logit of prefill and decode is formed with it -------------------------
+
+def _scaled_methods():
+    from kvsparse.oracle.clusterkv import ClusterKV
+    return [H2O(heavy=3, recent=2), H2O(heavy=2, recent=2, timing="after_attention", gqa="mean"),
+            H2O(execution="mask_sim", heavy=3, recent=2), H2O.presets()["kvpress-observed-attention"],
+            CORM(window=2), CORM(window=3, gqa="per_query_head", threshold=0.5),
+            SnapKV(window=2, capacity=6, kernel=3),
+            SnapKV(window=3, kernel=3, pool="avg", window_score="mean", gqa="mean", compression_ratio=0.5),
+            PyramidKV(window=2, capacity=6, beta=2, layer=1, num_layers=3, kernel=3, pool="avg"),
+            StreamingLLM(sinks=2, recent=4), replace(StreamingLLM.presets()["streaming-llm-repo"], recent=4),
+            ClusterKV(n_clusters=3, sinks=1, budget=5, iterations=3)]
+
+
+def check_scale_is_a_query_factor(method, seq, scale):
+    """``scale * q.k`` = ``(1/sqrt(d)) * (c q).k`` with ``c = scale sqrt(d)``: the run at ``scale`` equals the
+    default-scale run on queries multiplied by ``c`` (same selections; outputs up to rounding)."""
+    c = scale * np.sqrt(seq.q_seq.shape[2])
+    a = run_decode(method, seq.q_seq, seq.k_seq, seq.v_seq, prefill_len=seq.prefill_len, scale=scale)
+    b = run_decode(method, seq.q_seq * c, seq.k_seq, seq.v_seq, prefill_len=seq.prefill_len)
+    for t, (x, y) in enumerate(zip(a.steps, b.steps)):
+        assert x.selection == y.selection, f"{method!r}, step {t}: selections differ at scale={scale}"
+        np.testing.assert_allclose(x.output, y.output, rtol=1e-9, atol=1e-12, err_msg=f"{method!r}, step {t}")
+
+
+@pytest.mark.parametrize("method", _scaled_methods(), ids=repr)
+def test_stateful_oracles_form_every_logit_with_the_scale(method):
+    for seed in range(3):
+        seq = make_decode_sequence(18, 4, 2, 8, prefill_len=12, seed=seed, family="sink_and_local")
+        for scale in (0.1, 1.3):
+            check_scale_is_a_query_factor(method, seq, scale)
+
+
+def test_a_prefill_that_forgets_the_scale_is_caught():
+    from kvsparse.oracle.method import prefill_scale
+
+    class ForgetsScaleAtPrefill(H2O):       # scores the prompt at 1/sqrt(d), then claims the scale
+        def prefill(self, q, k, v, *, scale=None):
+            return replace(super().prefill(q, k, v), scale=prefill_scale(scale, q.shape[2]))
+
+    seq = make_decode_sequence(18, 4, 2, 8, prefill_len=12, seed=0, family="sink_and_local")
+    check_scale_is_a_query_factor(H2O(heavy=3, recent=2), seq, 1.3)
+    with pytest.raises(AssertionError, match="selections differ"):
+        check_scale_is_a_query_factor(ForgetsScaleAtPrefill(heavy=3, recent=2), seq, 1.3)

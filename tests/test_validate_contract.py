@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from kvsparse import cli, registry
 from kvsparse.oracle import core
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "user_kernels.py"
 FEW = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FIND_ONLY = settings(FEW, max_examples=300, phases=(Phase.explicit, Phase.generate))   # stop at the first failure
 
 
 # --- (a) a kernel that cannot be imported is a usage error, not a bug found --------------------------
@@ -300,10 +301,87 @@ def test_scales_are_mostly_none_and_explicit_sometimes():
         core.check_scale(s)
 
 
-def test_stateful_suites_keep_the_default_scale_where_the_oracle_decode_has_none():
-    """An oracle ``decode`` without ``scale`` defines its selection at 1/sqrt(d): no explicit scale is drawn."""
-    for name in ("h2o", "corm", "streaming_llm"):
-        assert not suites.decode_takes_scale(registry.oracle(name))
+STATEFUL_SUITES = sorted(n for n in SUITE_METHODS if registry.oracle(n).stateful)
+
+
+def test_every_stateful_oracle_takes_the_scale_so_its_suite_draws_one():
+    assert set(STATEFUL_SUITES) >= {"h2o", "corm", "snapkv", "pyramidkv", "streaming_llm", "clusterkv"}
+    for name in STATEFUL_SUITES:
+        assert suites.decode_takes_scale(registry.oracle(name)), name
+
+    class NoScale:          # an oracle whose decode has no scale keeps the default: none is drawn
+        def prefill(self, q, k, v, *, scale=None): ...
+
+        def decode(self, state, q, k, v): ...
+    assert not suites.decode_takes_scale(NoScale())
+
+
+def _stateful_ignoring_scale(name, *, in_prefill=True, in_decode=True):
+    base = registry.get(name).kernels["numba"]
+
+    class Ignores:
+        def prefill(self, method, *a, scale=None):
+            state = base.prefill(method, *a, **({} if in_prefill else {"scale": scale}))
+            if not in_decode:
+                state.scale = scale       # the state claims the scale, so that decode accepts it
+            return state
+
+        def decode(self, method, state, *a, scale=None):
+            return base.decode(method, state, *a, **({} if in_decode else {"scale": scale}))
+    return Ignores()
+
+
+@pytest.mark.parametrize("name", STATEFUL_SUITES)
+def test_a_stateful_kernel_ignoring_scale_is_caught(name):
+    report = suites.run_suite(name, _stateful_ignoring_scale(name), settings=FIND_ONLY)
+    assert not report.ok, f"{name}: a stateful kernel ignoring scale passed"
+    assert "scale=" in report.failure.input, str(report.failure)
+    assert report.failure.failures[0].name in ("output", "selection"), str(report.failure)
+    assert suites.run_suite(name, registry.get(name).kernels["numba"], settings=FEW).ok
+
+
+@pytest.mark.parametrize("name", ["h2o", "corm", "snapkv"])
+def test_a_prefill_ignoring_scale_is_caught(name):
+    """The prompt's scores (accumulated attention, the window vote) are formed with the scale too."""
+    from kvsparse.oracle.corm import CORM
+    from kvsparse.oracle.h2o import H2O
+    from kvsparse.oracle.snapkv import SnapKV
+    from kvsparse.property_tests import suites_eviction
+    from kvsparse.property_tests.sequences import make_decode_sequence
+    method = {"h2o": H2O(heavy=3, recent=1), "corm": CORM(window=2, threshold=1.0),
+              "snapkv": SnapKV(window=2, capacity=6, kernel=1, pool="none")}[name]
+    seq = make_decode_sequence(14, 2, 1, 8, prefill_len=10, seed=4)
+    suites_eviction.remember(seq.q_seq, seq.k_seq)
+    scores = suites.suite_for(name).scores
+    check = lambda kernel, scale: suites.check_decode(method, kernel, seq.q_seq, seq.k_seq, seq.v_seq,  # noqa: E731
+                                                      prefill_len=seq.prefill_len, scale=scale, scores=scores)
+    buggy = _stateful_ignoring_scale(name, in_decode=False)
+    assert all(v.ok for v in check(buggy, None))                   # at the default scale nothing differs
+    assert all(v.ok for v in check(registry.get(name).kernels["numba"], 2.0))
+    verdicts = check(buggy, 2.0)
+    assert not verdicts[-1].ok and verdicts[-1].failures[0].name == "selection", str(verdicts[-1])
+
+
+def test_a_prefill_without_scale_follows_the_older_contract():
+    """A prefill with no ``scale`` parameter is called without it: fine where the prompt is not scored
+    (StreamingLLM), caught where it is (H2O); the verdict says so."""
+    def old_contract(name):
+        base = registry.get(name).kernels["numba"]
+
+        class Old:
+            def prefill(self, method, q, k, v):
+                return base.prefill(method, q, k, v)
+
+            def decode(self, method, state, *a, scale=None):
+                state.scale = None            # a state of its own, without the scale
+                return base.decode(method, state, *a, scale=scale)
+        return Old()
+
+    assert not suites.prefill_takes_scale(old_contract("h2o"))
+    assert suites.prefill_takes_scale(registry.get("h2o").kernels["numba"])
+    assert suites.run_suite("streaming_llm", old_contract("streaming_llm"), settings=FEW).ok
+    report = suites.run_suite("h2o", old_contract("h2o"), settings=FIND_ONLY)
+    assert not report.ok and "prefill takes no scale: called without it" in report.failure.input, str(report)
 
 
 def test_a_scale_failure_replays_with_its_scale(tmp_path, capsys):

@@ -38,13 +38,13 @@ Conventions (each a parameter or stated here; docs/cluster_retrieval.md has the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..registry import register_method
 from . import core
-from .method import StatefulMethod, check_sequence
+from .method import StatefulMethod, check_sequence, decode_scale, prefill_scale
 from .types import Layout, Selection, StepResult, Traffic, kv_traffic
 
 METRICS = ("cosine", "l2")
@@ -168,7 +168,9 @@ class ClusterKVState:
     ``centroids [H_kv, C, d]``; ``labels [H_kv, m]`` is the cluster of prompt position ``first + j``
     (``first = min(sinks, T)``, ``m = T - first``). The cache is kept as the prompt's
     ``prompt_k``/``prompt_v`` ``[H_kv, T, d]`` (never copied by ``decode``) and the generated tokens'
-    ``gen_k``/``gen_v`` ``[H_kv, n - T, d]``; ``rows`` gathers any positions from both.
+    ``gen_k``/``gen_v`` ``[H_kv, n - T, d]``; ``rows`` gathers any positions from both. ``scale``
+    (keyword-only) is the softmax scale prefill was given, used by every decode step's attention
+    (``None`` in a state built by hand: ``1/sqrt(d)``, or whatever decode is given).
     """
 
     prompt_len: int
@@ -179,6 +181,7 @@ class ClusterKVState:
     prompt_v: np.ndarray
     gen_k: np.ndarray
     gen_v: np.ndarray
+    scale: float | None = field(default=None, kw_only=True)
 
     @property
     def n(self) -> int:
@@ -247,7 +250,8 @@ def cluster_select(q, state: ClusterKVState, *, budget: int, sinks: int,
     return Selection(tuple(indices), state.n)
 
 
-def attend_selected_rows(q: np.ndarray, state: ClusterKVState, selection: Selection) -> np.ndarray:
+def attend_selected_rows(q: np.ndarray, state: ClusterKVState, selection: Selection, *,
+                         scale: float | None = None) -> np.ndarray:
     """``core.attend_indices`` over the whole cache, computed on the gathered rows of each KV head's
     group only: rows keep their position order, so every sum runs in the same order."""
     h_kv, _, d = state.prompt_k.shape
@@ -258,7 +262,7 @@ def attend_selected_rows(q: np.ndarray, state: ClusterKVState, selection: Select
         k_rows[j, :u.size], v_rows[j, :u.size] = state.rows(u, j)
     g = core.group_size(selection.h_q, h_kv)
     local = [np.searchsorted(unions[h // g], ix) for h, ix in enumerate(selection.indices)]
-    return core.attend_indices(q, k_rows, v_rows, local)
+    return core.attend_indices(q, k_rows, v_rows, local, scale=scale)
 
 
 def cluster_traffic(selection: Selection, state: ClusterKVState, *, layout: Layout = Layout()) -> Traffic:
@@ -326,9 +330,11 @@ class ClusterKV(StatefulMethod):
                        metric=self.metric, init=self.init, reassign=self.reassign)
                 for j in range(k_prompt.shape[1])]
 
-    def prefill(self, q_prompt, k_prompt, v_prompt) -> ClusterKVState:
+    def prefill(self, q_prompt, k_prompt, v_prompt, *, scale: float | None = None) -> ClusterKVState:
+        """Cluster the prompt's keys. Ranking (``q . c``) is unscaled; ``scale`` is stored for decode."""
         q_prompt, k_prompt, v_prompt = check_sequence(q_prompt, k_prompt, v_prompt)
         t, h_kv, d = k_prompt.shape
+        scale = prefill_scale(scale, d)
         first = min(self.sinks, t)
         fits = self.cluster(k_prompt)
         return ClusterKVState(
@@ -337,9 +343,9 @@ class ClusterKV(StatefulMethod):
             labels=np.stack([f.labels for f in fits]).reshape(h_kv, t - first),
             prompt_k=np.ascontiguousarray(k_prompt.transpose(1, 0, 2)),
             prompt_v=np.ascontiguousarray(v_prompt.transpose(1, 0, 2)),
-            gen_k=np.zeros((h_kv, 0, d)), gen_v=np.zeros((h_kv, 0, d)))
+            gen_k=np.zeros((h_kv, 0, d)), gen_v=np.zeros((h_kv, 0, d)), scale=scale)
 
-    def decode(self, state: ClusterKVState, q, k_new, v_new, *,
+    def decode(self, state: ClusterKVState, q, k_new, v_new, *, scale: float | None = None,
                layout: Layout = Layout()) -> tuple[ClusterKVState, StepResult]:
         if not isinstance(state, ClusterKVState):
             raise TypeError(f"state must be a ClusterKVState (from prefill), got {type(state).__name__}")
@@ -351,12 +357,13 @@ class ClusterKV(StatefulMethod):
             raise ValueError(f"k_new and v_new must have shape (H_kv, d) = {(h_kv, d)}, got {k_new.shape}, {v_new.shape}")
         if q.shape[1] != d or q.shape[0] % h_kv:
             raise ValueError(f"q must have shape (H_q, {d}) with H_q a multiple of H_kv={h_kv}, got {q.shape}")
+        scale = decode_scale(state.scale, scale)
         state = ClusterKVState(state.prompt_len, state.first, state.centroids, state.labels,
                                state.prompt_k, state.prompt_v,
                                np.concatenate([state.gen_k, k_new[:, None]], axis=1),
-                               np.concatenate([state.gen_v, v_new[:, None]], axis=1))
+                               np.concatenate([state.gen_v, v_new[:, None]], axis=1), scale=state.scale)
         selection = cluster_select(q, state, budget=self.budget, sinks=self.sinks, gqa=self.gqa)
-        output = attend_selected_rows(q, state, selection)
+        output = attend_selected_rows(q, state, selection, scale=scale)
         return state, StepResult(selection, output, cluster_traffic(selection, state, layout=layout))
 
     def select(self, q, k, v, *, positions=None) -> Selection:

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..registry import register_method
 from . import core
-from .method import StatefulMethod
+from .method import StatefulMethod, decode_scale, prefill_scale
 from .sliding_window import (CacheState, append_token, attend_kept, causal_probs, check_choice, check_new_token,
                              check_prompt, new_history, selection_of, units_to_query_heads)
 from .types import Layout, StepResult, Traffic, kv_traffic
@@ -92,26 +92,28 @@ class CORM(StatefulMethod):
         stale = (t - last_important >= self.window) & (pos < t + 1 - self.recent_span)
         return kept & ~stale
 
-    def prefill(self, q_prompt, k_prompt, v_prompt) -> CORMState:
+    def prefill(self, q_prompt, k_prompt, v_prompt, *, scale: float | None = None) -> CORMState:
         q_prompt, k_prompt, v_prompt = check_prompt(q_prompt, k_prompt, v_prompt, min_len=1)
         t, h_kv = k_prompt.shape[:2]
         h_q = q_prompt.shape[1]
-        probs = causal_probs(q_prompt, k_prompt, np.arange(t))                  # [H_q, t, t]
+        scale = prefill_scale(scale, q_prompt.shape[2])
+        probs = causal_probs(q_prompt, k_prompt, np.arange(t), scale=scale)    # [H_q, t, t]
         causal = np.arange(t)[None, :] <= np.arange(t)[:, None]                # [query, key]
         imp = self.important(probs, np.arange(1, t + 1)[None, :, None], h_kv) & causal   # [U, query, key]
         rows = np.where(imp, np.arange(t)[None, :, None], -1).max(axis=1)       # last important query
         last = np.maximum(rows, np.arange(t)[None, :])
         kept = np.ones(last.shape, dtype=bool)
-        return CORMState(new_history(k_prompt, v_prompt), t, t, self.evict(kept, last, t - 1), last)
+        return CORMState(new_history(k_prompt, v_prompt), t, t, self.evict(kept, last, t - 1), last, scale=scale)
 
-    def decode(self, state: CORMState, q, k_new, v_new, *,
+    def decode(self, state: CORMState, q, k_new, v_new, *, scale: float | None = None,
                layout: Layout = Layout()) -> tuple[CORMState, StepResult]:
         q, k_new, v_new = check_new_token(state, CORMState, q, k_new, v_new)
+        scale = decode_scale(state.scale, scale)
         t = state.n
         state = append_token(state, k_new, v_new)
         last = np.concatenate([state.last_important, np.full((state.kept.shape[0], 1), t)], axis=1)
         h_kv, n, d = state.keys().shape
-        out, probs = attend_kept(q, state.keys(), state.values(), state.kept, with_probs=True)
+        out, probs = attend_kept(q, state.keys(), state.values(), state.kept, with_probs=True, scale=scale)
         attended = units_to_query_heads(state.kept, q.shape[0]).sum(axis=1)[:, None]
         imp = self.important(probs, attended, h_kv) & state.kept
         last = np.where(imp, t, last)

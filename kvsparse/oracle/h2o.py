@@ -66,7 +66,7 @@ import numpy as np
 
 from ..registry import register_method
 from . import core
-from .method import StatefulMethod
+from .method import StatefulMethod, decode_scale, prefill_scale
 from .sliding_window import (CacheState, GQA_MODES, RATIO_ROUNDINGS, append_token, attend_kept, causal_probs,
                              check_bool, check_choice, check_new_token, check_prompt, check_ratio,
                              kept_after_compression, kept_from_ratio, new_history, reduce_group, selection_of)
@@ -172,35 +172,37 @@ class H2O(StatefulMethod):
         return probs if self.gqa == "per_query_head" else reduce_group(probs, h_kv, self.gqa)
 
     # --- prefill --------------------------------------------------------------------------------
-    def prefill(self, q_prompt, k_prompt, v_prompt) -> H2OState:
+    def prefill(self, q_prompt, k_prompt, v_prompt, *, scale: float | None = None) -> H2OState:
         q_prompt, k_prompt, v_prompt = check_prompt(q_prompt, k_prompt, v_prompt, min_len=1)
         t, h_kv = k_prompt.shape[:2]
-        probs = causal_probs(q_prompt, k_prompt, np.arange(t))          # [H_q, t, t]
+        scale = prefill_scale(scale, q_prompt.shape[2])
+        probs = causal_probs(q_prompt, k_prompt, np.arange(t), scale=scale)          # [H_q, t, t]
         scores = probs.sum(axis=1)
         if self.score_normalization == "visible_queries":
             scores = scores / np.arange(t, 0, -1)
         scores = self.unit_rows(scores, h_kv)
         heavy, recent = self.budgets(t)
         kept = np.ones(scores.shape, dtype=bool)
-        state = H2OState(new_history(k_prompt, v_prompt), t, t, kept, scores, heavy, recent)
+        state = H2OState(new_history(k_prompt, v_prompt), t, t, kept, scores, heavy, recent, scale=scale)
         if self.execution == "mask_sim":
             return replace(state, **self.sim_next_mask(scores, heavy, recent))
         return replace(state, kept=evict(kept, scores, t, heavy, recent))
 
     # --- decode ---------------------------------------------------------------------------------
-    def decode(self, state: H2OState, q, k_new, v_new, *,
+    def decode(self, state: H2OState, q, k_new, v_new, *, scale: float | None = None,
                layout: Layout = Layout()) -> tuple[H2OState, StepResult]:
         q, k_new, v_new = check_new_token(state, H2OState, q, k_new, v_new)
+        scale = decode_scale(state.scale, scale)
         state = append_token(state, k_new, v_new)
         state = replace(state, scores=np.concatenate([state.scores, np.zeros((state.scores.shape[0], 1))], axis=1))
         if self.execution == "mask_sim":
-            return self.decode_mask_sim(state, q, layout)
+            return self.decode_mask_sim(state, q, layout, scale)
         h_kv, n, d = state.keys().shape
         evicting = self.decode_eviction
         if evicting and self.timing == "before_attention":
             state = replace(state, kept=evict(state.kept, state.scores, n, state.heavy, state.recent,
                                               protect_leaving=not self.leaving_token_competes))
-        out, probs = attend_kept(q, state.keys(), state.values(), state.kept, with_probs=True)
+        out, probs = attend_kept(q, state.keys(), state.values(), state.kept, with_probs=True, scale=scale)
         state = replace(state, scores=state.scores + self.unit_rows(probs, h_kv))
         selection = selection_of(state.kept, q.shape[0])
         read_scores = int(state.kept.sum()) if evicting else 0     # no decode eviction: scores are never read
@@ -233,10 +235,11 @@ class H2O(StatefulMethod):
         score_mask[:, -recent:] = True     # recent = 0: `x[:, -0:]` is every column (reproduced)
         return {"next_mask": mask, "scores": scores * score_mask}
 
-    def decode_mask_sim(self, state: H2OState, q, layout: Layout) -> tuple[H2OState, StepResult]:
+    def decode_mask_sim(self, state: H2OState, q, layout: Layout,
+                        scale: float | None = None) -> tuple[H2OState, StepResult]:
         h_kv, n, d = state.keys().shape
         visible = state.next_mask
-        out, probs = attend_kept(q, state.keys(), state.values(), visible, with_probs=True)
+        out, probs = attend_kept(q, state.keys(), state.values(), visible, with_probs=True, scale=scale)
         scores = state.scores + probs
         selection = selection_of(visible, q.shape[0])
         traffic = kv_traffic(selection, h_kv, d, layout) + self.score_traffic(scores.shape[0] * n, layout)

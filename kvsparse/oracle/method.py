@@ -10,6 +10,12 @@ Stateful methods (StreamingLLM, H2O, CORM, SnapKV/PyramidKV after prefill) subcl
 takes the state and one new token and returns the new state and the step's result. Nothing is
 hidden in the instance, so an oracle and a kernel can be run side by side step by step.
 
+Softmax scale of a stateful method: ``prefill(..., scale=None)`` forms every logit (its prompt scores
+and, later, every decode step's) with ``scale`` (``None``: ``1/sqrt(d)``, as everywhere) and stores the
+resolved value in the state (``prefill_scale``). ``decode(..., scale=None)`` then uses the state's
+scale; an explicit ``scale`` must equal it (``decode_scale``: ``ValueError`` otherwise), so the prompt
+scores and the decode steps of one sequence can never use two different scales.
+
 Decode-step convention used everywhere: at step ``t`` the new token's key and value are appended
 to the cache *before* attention, so the query at position ``t`` attends to tokens ``0..t``.
 """
@@ -69,17 +75,41 @@ class StatefulMethod(Method):
 
     stateful: ClassVar[bool] = True
 
-    def prefill(self, q_prompt: np.ndarray, k_prompt: np.ndarray, v_prompt: np.ndarray) -> Any:
-        """State after the prompt. ``q_prompt [T, H_q, d]``, ``k_prompt``/``v_prompt`` ``[T, H_kv, d]``."""
+    def prefill(self, q_prompt: np.ndarray, k_prompt: np.ndarray, v_prompt: np.ndarray, *,
+                scale: float | None = None) -> Any:
+        """State after the prompt. ``q_prompt [T, H_q, d]``, ``k_prompt``/``v_prompt`` ``[T, H_kv, d]``;
+        ``scale`` the softmax scale of every logit (``None``: ``1/sqrt(d)``), stored in the state."""
         raise NotImplementedError
 
     def decode(self, state: Any, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, *,
-               layout: Layout = Layout()) -> tuple[Any, StepResult]:
+               scale: float | None = None, layout: Layout = Layout()) -> tuple[Any, StepResult]:
         """Append one token (``q [H_q, d]``, ``k_new``/``v_new`` ``[H_kv, d]``) and attend.
 
-        The returned Selection indexes original token positions ``0..t`` (``n = t + 1``).
+        The returned Selection indexes original token positions ``0..t`` (``n = t + 1``). ``scale``:
+        ``None`` uses the state's (``decode_scale``); an explicit one must equal it.
         """
         raise NotImplementedError
+
+
+def prefill_scale(scale, d: int) -> float:
+    """The softmax scale a prefill uses and stores in its state: ``scale``, or ``1/sqrt(d)`` for None."""
+    core.check_scale(scale)
+    return core.default_scale(d) if scale is None else float(scale)
+
+
+def decode_scale(state_scale, scale) -> float | None:
+    """The softmax scale of a decode step from a state prefilled with ``state_scale``.
+
+    ``scale=None``: the state's. An explicit ``scale`` must equal the state's (``ValueError`` naming
+    ``scale`` otherwise); a state built by hand without a scale (``None``) accepts any valid one.
+    """
+    core.check_scale(scale)
+    if scale is None:
+        return state_scale
+    if state_scale is not None and float(scale) != float(state_scale):
+        raise ValueError(f"scale={scale!r} differs from the scale the state was prefilled with ({state_scale!r}): "
+                         "prefill and decode of one sequence must use one softmax scale")
+    return float(scale)
 
 
 def check_positions(positions, n: int, name: str = "positions") -> np.ndarray:
@@ -113,15 +143,19 @@ class DecodeRun:
 
 
 def run_decode(method: Method, q_seq, k_seq, v_seq, *, prefill_len: int,
-               layout: Layout = Layout()) -> DecodeRun:
+               layout: Layout = Layout(), scale: float | None = None) -> DecodeRun:
     """Prefill on tokens ``[0, prefill_len)`` then decode every later token one at a time.
 
     Works for stateless and stateful methods alike: a stateless method sees the full cache of tokens
-    ``0..t`` at step ``t``; a stateful one gets ``prefill`` then ``decode`` per token.
+    ``0..t`` at step ``t``; a stateful one gets ``prefill`` then ``decode`` per token. ``scale`` is the
+    softmax scale (``None``: ``1/sqrt(d)``); it is passed on only when given, so a method written
+    before stateful methods took a scale still runs at the default.
     """
     q_seq, k_seq, v_seq = check_sequence(q_seq, k_seq, v_seq)
     T = q_seq.shape[0]
     prefill_len = core.check_positive_int(prefill_len, "prefill_len", allow_zero=True)
+    core.check_scale(scale)
+    kw = {} if scale is None else {"scale": scale}
     if prefill_len >= T:
         raise ValueError(f"prefill_len must be < T={T} so at least one token is decoded, got {prefill_len}")
     steps: list[StepResult] = []
@@ -129,10 +163,10 @@ def run_decode(method: Method, q_seq, k_seq, v_seq, *, prefill_len: int,
         for t in range(prefill_len, T):
             k = np.ascontiguousarray(k_seq[: t + 1].transpose(1, 0, 2))
             v = np.ascontiguousarray(v_seq[: t + 1].transpose(1, 0, 2))
-            steps.append(method.step(q_seq[t], k, v, positions=np.arange(t + 1), layout=layout))
+            steps.append(method.step(q_seq[t], k, v, positions=np.arange(t + 1), layout=layout, **kw))
         return DecodeRun(steps)
-    state = method.prefill(q_seq[:prefill_len], k_seq[:prefill_len], v_seq[:prefill_len])
+    state = method.prefill(q_seq[:prefill_len], k_seq[:prefill_len], v_seq[:prefill_len], **kw)
     for t in range(prefill_len, T):
-        state, result = method.decode(state, q_seq[t], k_seq[t], v_seq[t], layout=layout)
+        state, result = method.decode(state, q_seq[t], k_seq[t], v_seq[t], layout=layout, **kw)
         steps.append(result)
     return DecodeRun(steps, state)

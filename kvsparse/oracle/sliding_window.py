@@ -25,7 +25,7 @@ Conventions of ``SlidingWindow`` (explicit fields):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import ClassVar, Sequence
 
@@ -158,13 +158,16 @@ class CacheState:
 
     ``kept[u, p]`` says whether unit ``u`` (query head, or KV head shared by its group) still holds
     the token at original position ``p`` (``kept.shape = (U, n)``); ``prompt_len`` is the prefill
-    length. Subclasses add their scores.
+    length; ``scale`` the softmax scale prefill was run with (keyword-only, so it follows the fields
+    subclasses add; ``None`` in a state built by hand: ``1/sqrt(d)``, or whatever decode is given).
+    Subclasses add their scores.
     """
 
     history: KVHistory
     n: int
     prompt_len: int
     kept: np.ndarray
+    scale: float | None = field(default=None, kw_only=True)
 
     @property
     def cache_sizes(self) -> np.ndarray:

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..registry import register_method
 from . import core
-from .method import StatefulMethod
+from .method import StatefulMethod, decode_scale, prefill_scale
 from .sliding_window import (CacheState, GQA_MODES, RATIO_ROUNDINGS, append_token, attend_kept, causal_probs,
                              check_bool, check_choice, check_new_token, check_prompt, kept_after_compression,
                              new_history, reduce_group, selection_of)
@@ -49,10 +49,12 @@ POOLS = ("max", "avg", "none")
 WINDOW_SCORES = ("sum", "mean")
 
 
-def window_scores(q_prompt: np.ndarray, k_prompt: np.ndarray, window: int, *, how: str = "sum") -> np.ndarray:
-    """``[H_q, T - window]``: the window queries' causal softmax mass on each prefix token."""
+def window_scores(q_prompt: np.ndarray, k_prompt: np.ndarray, window: int, *, how: str = "sum",
+                  scale: float | None = None) -> np.ndarray:
+    """``[H_q, T - window]``: the window queries' causal softmax mass on each prefix token (logits
+    scaled by ``scale``; None: ``1/sqrt(d)``)."""
     t = q_prompt.shape[0]
-    probs = causal_probs(q_prompt, k_prompt, np.arange(t - window, t))[:, :, : t - window]
+    probs = causal_probs(q_prompt, k_prompt, np.arange(t - window, t), scale=scale)[:, :, : t - window]
     return probs.sum(axis=1) if how == "sum" else probs.mean(axis=1)
 
 
@@ -99,10 +101,10 @@ class SnapKV(StatefulMethod):
             return kept_after_compression(t, self.compression_ratio, self.ratio_rounding)
         return None if t < self.capacity else self.capacity
 
-    def unit_scores(self, q_prompt, k_prompt) -> np.ndarray:
-        """``[U, T]``: pooled prefix scores per unit, ``+inf`` on the window."""
+    def unit_scores(self, q_prompt, k_prompt, *, scale: float | None = None) -> np.ndarray:
+        """``[U, T]``: pooled prefix scores per unit, ``+inf`` on the window (softmax ``scale``)."""
         t, h_kv = k_prompt.shape[:2]
-        raw = window_scores(q_prompt, k_prompt, self.window, how=self.window_score)
+        raw = window_scores(q_prompt, k_prompt, self.window, how=self.window_score, scale=scale)
         if self.gqa == "per_query_head":
             pooled = pool_scores(raw, self.kernel, self.pool)
         elif self.reduce_before_pool:
@@ -111,26 +113,28 @@ class SnapKV(StatefulMethod):
             pooled = reduce_group(pool_scores(raw, self.kernel, self.pool), h_kv, self.gqa)
         return np.concatenate([pooled, np.full((pooled.shape[0], self.window), np.inf)], axis=1)
 
-    def prefill(self, q_prompt, k_prompt, v_prompt) -> CacheState:
+    def prefill(self, q_prompt, k_prompt, v_prompt, *, scale: float | None = None) -> CacheState:
         q_prompt, k_prompt, v_prompt = check_prompt(q_prompt, k_prompt, v_prompt, min_len=1)
         t, h_kv = k_prompt.shape[:2]
         h_q = q_prompt.shape[1]
+        scale = prefill_scale(scale, q_prompt.shape[2])
         units = h_q if self.gqa == "per_query_head" else h_kv
         n_total = self.budget_total(t)
         if self.compression_ratio is not None and t <= self.window:
             raise ValueError(f"kvpress needs more prompt tokens ({t}) than window ({self.window})")
         kept = np.ones((units, t), dtype=bool)
         if n_total is not None:
-            scores = self.unit_scores(q_prompt, k_prompt)
+            scores = self.unit_scores(q_prompt, k_prompt, scale=scale)
             kept[:] = False
             np.put_along_axis(kept, core.topk_indices(scores, n_total), True, axis=1)
-        return CacheState(new_history(k_prompt, v_prompt), t, t, kept)
+        return CacheState(new_history(k_prompt, v_prompt), t, t, kept, scale=scale)
 
-    def decode(self, state: CacheState, q, k_new, v_new, *,
+    def decode(self, state: CacheState, q, k_new, v_new, *, scale: float | None = None,
                layout: Layout = Layout()) -> tuple[CacheState, StepResult]:
         q, k_new, v_new = check_new_token(state, CacheState, q, k_new, v_new)
+        scale = decode_scale(state.scale, scale)
         state = append_token(state, k_new, v_new)
-        out, _ = attend_kept(q, state.keys(), state.values(), state.kept)
+        out, _ = attend_kept(q, state.keys(), state.values(), state.kept, scale=scale)
         selection = selection_of(state.kept, q.shape[0])
         h_kv, _, d = state.keys().shape
         return state, StepResult(selection, out, kv_traffic(selection, h_kv, d, layout))

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..registry import register_method
 from . import core
-from .method import StatefulMethod
+from .method import StatefulMethod, decode_scale, prefill_scale
 from .sliding_window import (CacheState, RATIO_ROUNDINGS, append_token, attend_kept, check_bool, check_choice,
                              check_new_token, check_prompt, kept_after_compression, new_history, selection_of,
                              stateless_positions)
@@ -105,9 +105,11 @@ class StreamingLLM(StatefulMethod):
         return attend_kept(q, k, v, selection.mask(), scale=scale)[0]
 
     # --- stateful -----------------------------------------------------------------------------
-    def prefill(self, q_prompt, k_prompt, v_prompt) -> CacheState:
+    def prefill(self, q_prompt, k_prompt, v_prompt, *, scale: float | None = None) -> CacheState:
+        """The kept rows after the prompt; nothing is scored, ``scale`` is only stored for decode."""
         q_prompt, k_prompt, v_prompt = check_prompt(q_prompt, k_prompt, v_prompt)
         t, h_kv = k_prompt.shape[:2]
+        scale = prefill_scale(scale, q_prompt.shape[2])
         pos = np.arange(t)
         if self.schedule == "prefill_once":
             if t <= self.sinks:
@@ -121,25 +123,26 @@ class StreamingLLM(StatefulMethod):
             keep[core.topk_indices(score, n_kept)] = True
         else:
             keep = sink_recent_mask(pos, self.sinks, self.recent_span)
-        return CacheState(new_history(k_prompt, v_prompt), t, t, np.tile(keep, (h_kv, 1)))
+        return CacheState(new_history(k_prompt, v_prompt), t, t, np.tile(keep, (h_kv, 1)), scale=scale)
 
-    def decode(self, state: CacheState, q, k_new, v_new, *,
+    def decode(self, state: CacheState, q, k_new, v_new, *, scale: float | None = None,
                layout: Layout = Layout()) -> tuple[CacheState, StepResult]:
         q, k_new, v_new = check_new_token(state, CacheState, q, k_new, v_new)
+        scale = decode_scale(state.scale, scale)
         state = append_token(state, k_new, v_new)
         if self.schedule == "every_step":
             rule = sink_recent_mask(np.arange(state.n), self.sinks, self.recent_span)
             state = replace(state, kept=state.kept & rule[None, :])
         selection = selection_of(state.kept, q.shape[0])
         if self.rope == "as_given":
-            out, _ = attend_kept(q, state.keys(), state.values(), state.kept)
+            out, _ = attend_kept(q, state.keys(), state.values(), state.kept, scale=scale)
         else:
-            out = self.attend_rotated(q, state)
+            out = self.attend_rotated(q, state, scale=scale)
         h_kv, _, d = state.keys().shape
         return state, StepResult(selection, out, kv_traffic(selection, h_kv, d, layout))
 
-    def attend_rotated(self, q: np.ndarray, state: CacheState) -> np.ndarray:
-        """Attention with keys and query rotated at original positions or at cache slots."""
+    def attend_rotated(self, q: np.ndarray, state: CacheState, *, scale: float | None = None) -> np.ndarray:
+        """Attention with keys and query rotated at original positions or at cache slots (softmax ``scale``)."""
         pos = np.flatnonzero(state.kept[0])          # positional rule: every KV head keeps the same
         k = state.keys()[:, pos]
         v = state.values()[:, pos]
@@ -153,7 +156,7 @@ class StreamingLLM(StatefulMethod):
         else:
             k = core.rope_apply(k, new_k_pos, **rope)
             q = core.rope_apply(q[:, None, :], [new_q_pos], **rope)[:, 0]
-        return core.attend_dense(q, k, v)
+        return core.attend_dense(q, k, v, scale=scale)
 
     @classmethod
     def presets(cls) -> dict[str, "StreamingLLM"]:

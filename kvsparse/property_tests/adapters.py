@@ -17,7 +17,10 @@ Which positions the press kept is read from the values it gathered: the adapter 
 every channel holds the token's position (exact in float32 below 2^24; none of these presses reads
 values), and checks that the keys it gathered are the original keys of those positions. Decoding is
 transformers' eager attention over the kept rows plus every later token (kvpress compresses only
-the prompt). The press's hyper-parameters come from the oracle's fields; a configuration kvpress
+the prompt). Softmax scale: presses divide their logits by ``sqrt(d)`` themselves, so an explicit
+``scale`` given to ``prefill`` reaches them as queries multiplied by ``scale * sqrt(d)`` (the identity
+``q_proj`` makes this exact up to one rounding of q); ``attentions`` and decoding get ``scale``
+directly, and decode uses the prefill's scale (the oracles' rule). The press's hyper-parameters come from the oracle's fields; a configuration kvpress
 cannot express (e.g. ``schedule="every_step"``) raises ``ValueError``: validate against our kvpress
 preset (each adapter names it in ``kvsparse_preset``; ``kvsparse validate`` uses it when no
 ``--preset``/``--params`` is given).
@@ -76,6 +79,7 @@ class KvpressState:
     values: list
     positions: list     # per KV head: np.int64 [m_j] original positions, aligned with keys
     t: int              # tokens seen so far
+    scale: float | None = None   # the softmax scale prefill was given (None: 1/sqrt(d))
 
 
 def _layer(method, h_q: int, h_kv: int, d: int):
@@ -105,12 +109,14 @@ class KvpressKernel:
     def __call__(self, method, q, k, v, *, positions=None, scale=None):
         raise ValueError(f"{self.__name__} is a prefill-time press: use prefill() then decode()")
 
-    def prefill(self, method, q_prompt, k_prompt, v_prompt) -> KvpressState:
+    def prefill(self, method, q_prompt, k_prompt, v_prompt, *, scale=None) -> KvpressState:
         import torch
         from transformers.models.llama.modeling_llama import eager_attention_forward
+        from ..oracle.method import prefill_scale
         press = self.make_press(method)
         t, h_q, d = q_prompt.shape
         h_kv = k_prompt.shape[1]
+        sm = prefill_scale(scale, d)
         q = torch.from_numpy(np.ascontiguousarray(q_prompt))
         keys = torch.from_numpy(np.ascontiguousarray(k_prompt.transpose(1, 0, 2)))[None]     # [1, H_kv, T, d]
         values = torch.from_numpy(np.ascontiguousarray(v_prompt.transpose(1, 0, 2)))[None]
@@ -118,12 +124,14 @@ class KvpressKernel:
         attentions = None
         if self.needs_attentions:
             _, attentions = eager_attention_forward(layer, q.transpose(0, 1)[None], keys, values,
-                                                    _causal_mask(t, q.dtype), 1.0 / math.sqrt(d))
+                                                    _causal_mask(t, q.dtype), sm)
+        if scale is not None:        # the press divides by sqrt(d): hand it queries that make its logits scale*q.k
+            q = q * (sm * math.sqrt(d))
         rotation = (torch.ones(1, t, d, dtype=q.dtype), torch.zeros(1, t, d, dtype=q.dtype))
         code = torch.arange(t, dtype=torch.float32).to(keys.dtype)[None, None, :, None].expand(1, h_kv, t, d)
         kept_k, kept_code = press.compress(layer, q.reshape(1, t, h_q * d), keys, code.contiguous(), attentions,
                                            {"position_embeddings": rotation})
-        st = KvpressState([], [], [], t)
+        st = KvpressState([], [], [], t, sm)
         for j in range(h_kv):
             pos = kept_code[0, j, :, 0].to(torch.float64).numpy().astype(np.int64)
             if not torch.equal(kept_k[0, j], keys[0, j, pos]):
@@ -137,6 +145,8 @@ class KvpressKernel:
     def decode(self, method, state: KvpressState, q, k_new, v_new, *, scale=None):
         import torch
         from transformers.models.llama.modeling_llama import eager_attention_forward
+        from ..oracle.method import decode_scale
+        scale = decode_scale(state.scale, scale)
         h_q, d = q.shape
         h_kv = k_new.shape[0]
         for j in range(h_kv):

@@ -10,9 +10,20 @@ The kernel-step contract (what a kernel of a stateless method is):
 integer arrays or a ``[H_q, B]`` array (each row a set, any order); ``weights`` (estimators) aligned
 with ``indices``. Returning only the output skips the selection property.
 
-A kernel of a stateful method also has ``kernel.prefill(method, q_prompt, k_prompt, v_prompt) ->
-state`` and ``kernel.decode(method, state, q, k_new, v_new, *, scale=None) -> (state, step)`` where
-``step`` is as above and indices are original positions ``0..t`` (the oracle's convention).
+A kernel of a stateful method also has
+
+    kernel.prefill(method, q_prompt, k_prompt, v_prompt, *, scale=None) -> state
+    kernel.decode(method, state, q, k_new, v_new, *, scale=None) -> (state, step)
+
+where ``step`` is as above and indices are original positions ``0..t`` (the oracle's convention).
+``scale`` is the softmax scale of every logit of the sequence, the prompt's scores (H2O's and CORM's
+accumulated attention, SnapKV's window vote) as well as each step's (``None``: ``1/sqrt(d)``);
+``check_decode`` gives prefill and every decode step the same one, as the oracles require
+(``oracle.method.decode_scale``). Backwards compatibility: ``scale`` is passed to ``prefill`` only
+when it is not None, and never to a ``prefill`` whose signature has no ``scale`` parameter (nor
+``**kwargs``): the contract before stateful methods took a scale. Such a kernel is called without it
+(the verdict's input says so) and passes only if the method's prefill does not depend on the scale
+(StreamingLLM, ClusterKV); an H2O, CORM or SnapKV kernel that cannot take it is caught.
 
 Properties, each a function returning a ``PropertyResult``:
 
@@ -33,6 +44,14 @@ Properties, each a function returning a ``PropertyResult``:
 (shrinking to a minimal failing input) and returns a ``SuiteReport``. A ``MethodSuite`` (registered
 per method with ``@register_suite``) bundles the strategies for a method's hyper-parameters and its
 score function; calling it runs ``run_suite``.
+
+Where the inputs come from (``run_suite(..., inputs=)``, ``suite_inputs``; ``INPUT_SOURCES``):
+``"strategies"`` (default) the suite's own hypothesis strategies; ``"trace"`` an attention trace (the
+shipped SmolLM2-135M trace unless ``trace=`` names another): a decode step of one of its layers for a
+stateless method, a prefix of a layer's Q/K/V as a decode sequence for a stateful one;
+``"synthetic"`` the seeded synthetic traces (``traces.synthetic`` presets); ``"mixed"`` any of these.
+``max_n`` bounds the cache of a trace-drawn step (default ``TRACE_MAX_N``) or the length of a
+trace-drawn sequence (default ``TRACE_MAX_T``); the suite's own strategies keep their bounds.
 """
 from __future__ import annotations
 
@@ -49,6 +68,7 @@ from ..oracle import core
 from ..oracle.method import Method
 from ..oracle.types import Selection, StepResult
 from . import tolerances
+from .sequences import DecodeSequence
 from .strategies import DecodeInput, decode_inputs
 
 # --------------------------------------------------------------------------------------------
@@ -344,30 +364,50 @@ def _judge(method, step, expected, q, k, v, dtype, scale, scores):
     return results
 
 
+def prefill_takes_scale(kernel) -> bool:
+    """Whether ``kernel.prefill`` accepts ``scale=``: a ``scale`` parameter or ``**kwargs`` (True when its
+    signature cannot be read). A prefill without one follows the contract before stateful methods took
+    a scale (module doc)."""
+    import inspect
+    try:
+        params = inspect.signature(kernel.prefill).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "scale" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def check_decode(method, kernel, q_seq, k_seq, v_seq, *, prefill_len: int, dtype: str = "float32",
                  scale=None, scores: Callable | None = None, label: str = "") -> list[Verdict]:
     """Stateful methods, step by step: prefill both, then decode each later token with both.
 
     Returns one Verdict per decode step, stopping after the first failing one. A step whose
     selection differs within the band (accepted) is the last one checked: after it the two states
-    legitimately differ. ``scores(method, oracle_state, q, k_new, v_new, dtype)`` gives the band scores (state BEFORE the step).
+    legitimately differ. ``scores(method, oracle_state, q, k_new, v_new, dtype)`` gives the band scores
+    (state BEFORE the step; the oracle state holds the softmax scale, ``state.scale``). ``scale`` goes
+    to the oracle's and the kernel's prefill and every decode step, only when it is not None, and to
+    the kernel's prefill only if it takes one (``prefill_takes_scale``; module doc).
     """
     from ..oracle.method import check_sequence
     q_seq, k_seq, v_seq = (tolerances.round_to(x, dtype) for x in check_sequence(q_seq, k_seq, v_seq))
     np_dtype = tolerances.numpy_dtype(dtype)
     core.check_scale(scale)
+    kw = {} if scale is None else {"scale": scale}
+    kernel_kw = kw if prefill_takes_scale(kernel) else {}
     label = (label or f"sequence T={q_seq.shape[0]}, H_q={q_seq.shape[1]}, H_kv={k_seq.shape[1]}, d={q_seq.shape[2]}, "
                       f"prefill {prefill_len}") + _scale_label(scale)
-    state = method.prefill(q_seq[:prefill_len], k_seq[:prefill_len], v_seq[:prefill_len])
+    if kw and not kernel_kw:
+        label += " (the kernel's prefill takes no scale: called without it)"
+    state = method.prefill(q_seq[:prefill_len], k_seq[:prefill_len], v_seq[:prefill_len], **kw)
     try:
-        kstate = kernel.prefill(method, *(x[:prefill_len].astype(np_dtype) for x in (q_seq, k_seq, v_seq)))
+        kstate = kernel.prefill(method, *(x[:prefill_len].astype(np_dtype) for x in (q_seq, k_seq, v_seq)),
+                                **kernel_kw)
     except Exception as exc:
         return [Verdict(repr(method), label, (_contract_failure(exc),), step=None)]
     verdicts = []
     for t in range(prefill_len, q_seq.shape[0]):
         q, kn, vn = q_seq[t], k_seq[t], v_seq[t]
         band_scores = None if scores is None else scores(method, state, q, kn, vn, dtype)
-        state, expected = method.decode(state, q, kn, vn)
+        state, expected = method.decode(state, q, kn, vn, **kw)
         try:
             kstate, ret = kernel.decode(method, kstate, q.astype(np_dtype), kn.astype(np_dtype),
                                         vn.astype(np_dtype), scale=scale)
@@ -421,8 +461,10 @@ class MethodSuite:
     ``methods(shapes) -> SearchStrategy[Method]`` draws hyper-parameters for an input of the given
     ``DecodeShapes`` (budgets must be drawn relative to n). ``scores(method, q, k, v, dtype) -> (s, band)``
     (optional) enables the valid-top-k rule; ``inputs`` draws DecodeInputs. For a stateful method,
-    ``sequences`` draws ``(q_seq, k_seq, v_seq, prefill_len)`` and ``methods`` receives the sequence's
-    DecodeShapes (n = T), ``scores`` gets ``(method, oracle_state, q, k_new, v_new, dtype)``.
+    ``sequences`` draws ``(q_seq, k_seq, v_seq, prefill_len)`` (or a ``sequences.DecodeSequence``) and
+    ``methods`` receives the sequence's DecodeShapes (n = T), ``scores`` gets
+    ``(method, oracle_state, q, k_new, v_new, dtype)``. ``min_prompt``: the shortest prompt every drawn
+    method accepts; sequences drawn from traces (``suite_inputs``) prefill at least that many tokens.
     """
 
     name: str
@@ -430,6 +472,7 @@ class MethodSuite:
     inputs: Any = None
     scores: Callable | None = None
     sequences: Any = None
+    min_prompt: int = 1
 
     def __call__(self, kernel, **kwargs) -> SuiteReport:
         return run_suite(self, kernel, **kwargs)
@@ -451,38 +494,102 @@ def _takes_scale(fn) -> bool:
 
 
 def decode_takes_scale(method) -> bool:
-    """Whether a stateful oracle's ``decode`` takes ``scale``. When it does not, its selection (H2O's and
-    CORM's accumulated attention, for instance) is defined at the default scale, so an explicit scale
-    cannot be judged: such suites keep ``scale=None``."""
-    return _takes_scale(getattr(type(method), "decode", None))
+    """Whether a stateful oracle's ``prefill`` and ``decode`` both take ``scale`` (every registered one
+    does). When they do not, its selection is defined at the default scale only, so an explicit scale
+    cannot be judged: such a suite keeps ``scale=None``."""
+    cls = type(method)
+    return _takes_scale(getattr(cls, "decode", None)) and _takes_scale(getattr(cls, "prefill", None))
+
+
+INPUT_SOURCES = ("strategies", "trace", "synthetic", "mixed")
+TRACE_MAX_N = 200     # default: largest cache of a stateless step drawn from a trace
+TRACE_MAX_T = 48      # default: longest decode sequence (prompt included) drawn from a trace
+
+
+def _remembered(seq: DecodeSequence) -> DecodeSequence:
+    """A trace-drawn sequence, recorded for the eviction suites' rounding band (``suites_eviction.remember``)."""
+    from .suites_eviction import remember
+    remember(seq.q_seq, seq.k_seq)
+    return seq
+
+
+def suite_inputs(suite: "MethodSuite", inputs: str = "strategies", *, trace=None, max_n: int | None = None):
+    """The strategy ``run_suite`` draws a suite's inputs from (module doc: ``INPUT_SOURCES``).
+
+    Stateless suites: ``DecodeInput``s; stateful ones (``suite.sequences``): sequences, those drawn from
+    traces as ``DecodeSequence``s (``trace_inputs.trace_decode_sequences``: tokens ``0..T-1`` of one
+    layer, prefill of at least ``suite.min_prompt`` tokens). ``trace``: a trace file or ``AttentionTrace``
+    for ``inputs="trace"``/``"mixed"`` (default: the shipped SmolLM2 trace).
+    """
+    from . import trace_inputs as ti
+    if inputs not in INPUT_SOURCES:
+        raise ValueError(f"inputs must be one of {INPUT_SOURCES}, got {inputs!r}")
+    if trace is not None and inputs not in ("trace", "mixed"):
+        raise ValueError(f"trace is read only with inputs='trace' or 'mixed', got inputs={inputs!r}")
+    if max_n is not None:
+        core.check_positive_int(max_n, "max_n")
+    stateful = suite.sequences is not None
+    if stateful:
+        own = suite.sequences
+        length = max_n if max_n is not None else TRACE_MAX_T
+        from_trace = lambda: ti.trace_decode_sequences(trace, min_prefill=suite.min_prompt,  # noqa: E731
+                                                        max_length=length).map(_remembered)
+        synthetic = lambda: ti.synthetic_decode_sequences(min_prefill=suite.min_prompt,  # noqa: E731
+                                                           max_length=length).map(_remembered)
+    else:
+        own = suite.inputs if suite.inputs is not None else decode_inputs(max_n=200)
+        n = max_n if max_n is not None else TRACE_MAX_N
+        from_trace = lambda: ti.trace_decode_inputs(trace, max_n=n)  # noqa: E731
+        synthetic = lambda: ti.synthetic_decode_inputs(n_tokens=max(n, ti.SYNTHETIC_MIN_TOKENS),  # noqa: E731
+                                                        max_n=n)
+    if inputs == "strategies":
+        return own
+    if inputs == "trace":
+        return from_trace()
+    if inputs == "synthetic":
+        return synthetic()
+    return st.one_of(own, from_trace(), synthetic())
+
+
+def _sequence_parts(payload):
+    """``(q_seq, k_seq, v_seq, prefill_len, label)`` of a drawn sequence (a tuple or a DecodeSequence)."""
+    if isinstance(payload, DecodeSequence):
+        return payload.q_seq, payload.k_seq, payload.v_seq, payload.prefill_len, repr(payload)
+    q_seq, k_seq, v_seq, prefill = payload
+    return q_seq, k_seq, v_seq, prefill, ""
 
 
 def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "float32", max_examples: int | None = None,
-              settings: hyp_settings | None = None, examples=(), seed: int | None = None) -> SuiteReport:
+              settings: hyp_settings | None = None, examples=(), seed: int | None = None,
+              inputs: str = "strategies", trace=None, max_n: int | None = None) -> SuiteReport:
     """Hypothesis-driven: draw inputs, hyper-parameters and the softmax scale, check, shrink a failure.
 
     ``examples`` are explicit ``(method, DecodeInput)`` pairs (or ``(method, sequence)`` for stateful
-    methods), optionally with a third item, the scale, always checked first. The active hypothesis
-    profile applies unless ``settings`` is given; ``seed`` fixes hypothesis's random seed (a
-    reproducible non-derandomized run). The scale is drawn by ``softmax_scales`` (stateless methods,
-    and stateful ones whose oracle ``decode`` takes a scale: ``decode_takes_scale``), so a kernel
-    that ignores ``scale`` is caught.
+    methods, a tuple or a ``DecodeSequence``), optionally with a third item, the scale, always checked
+    first. The active hypothesis profile applies unless ``settings`` is given; ``seed`` fixes
+    hypothesis's random seed (a reproducible non-derandomized run). The scale is drawn by
+    ``softmax_scales`` (stateless methods, and stateful ones whose oracle ``prefill`` and ``decode``
+    take a scale: ``decode_takes_scale``), so a kernel that ignores ``scale`` is caught. ``inputs``,
+    ``trace`` and ``max_n``: where the inputs come from (``suite_inputs``; module doc).
     """
     if isinstance(suite, str):
         entry = registry.get(suite)
         if not isinstance(entry.suite, MethodSuite):
             raise ValueError(f"method {suite!r} has no property suite")
         suite = entry.suite
+    drawn = suite_inputs(suite, inputs, trace=trace, max_n=max_n)
     name = getattr(kernel, "__qualname__", type(kernel).__name__)
     report = SuiteReport(suite.name, f"{getattr(kernel, '__module__', '')}.{name}", dtype)
+    if inputs != "strategies":
+        report.notes.append(f"inputs: {inputs}" + ("" if trace is None else f" ({getattr(trace, 'source', trace)})"))
     last: list[Verdict] = []
 
     def one(method, payload, scale=None) -> Verdict:
         report.examples += 1
         if suite.sequences is not None:
-            q_seq, k_seq, v_seq, prefill = payload
+            q_seq, k_seq, v_seq, prefill, label = _sequence_parts(payload)
             verdicts = check_decode(method, kernel, q_seq, k_seq, v_seq, prefill_len=prefill, dtype=dtype,
-                                    scale=scale, scores=suite.scores)
+                                    scale=scale, scores=suite.scores, label=label)
             return next((v for v in verdicts if not v.ok), verdicts[-1])
         return check_step(method, kernel, payload, dtype=dtype, scale=scale, scores=suite.scores)
 
@@ -495,8 +602,8 @@ def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "flo
     if suite.sequences is not None:
         @st.composite
         def cases(draw):
-            seq = draw(suite.sequences)
-            q_seq, k_seq = seq[0], seq[1]
+            seq = draw(drawn)
+            q_seq, k_seq = _sequence_parts(seq)[:2]
             shapes = core.DecodeShapes(q_seq.shape[1], k_seq.shape[1], q_seq.shape[0], q_seq.shape[2])
             method = draw(suite.methods(shapes))
             scale = draw(softmax_scales(shapes.d)) if decode_takes_scale(method) else None
@@ -504,7 +611,7 @@ def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "flo
     else:
         @st.composite
         def cases(draw):
-            inp = draw(suite.inputs if suite.inputs is not None else decode_inputs(max_n=200))
+            inp = draw(drawn)
             return draw(suite.methods(inp.shapes)), inp, draw(softmax_scales(inp.shapes.d))
 
     @given(cases())

@@ -23,9 +23,11 @@ pooled / averaged / group-reduced: operations that do not increase a relative bo
 largest term) of such probabilities over at most ``n`` queries, so its error is at most
 ``smax (2 lb + (m + 8) u) + (m + 8) tiny`` with ``smax`` the unit's largest raw score,
 ``m = n + w + kernel + G + d`` (H2O: ``n + d + H_q``) and ``tiny`` the dtype's smallest normal number (a
-probability that underflows, or is flushed to zero, is off by less than that). ``lb`` needs
-the queries that voted, which the oracle state does not hold: the sequences strategy of these suites
-remembers what it drew (``remember``), and a sequence the suites never saw is judged with band 0.
+probability that underflows, or is flushed to zero, is off by less than that). ``lb`` is taken at the
+softmax scale the oracle state was prefilled with (``state.scale``). ``lb`` needs the queries that
+voted, which the oracle state does not hold: the sequences strategy of these suites (and the
+trace-drawn sequences of ``suites.suite_inputs``) remembers what it drew (``remember``), and a
+sequence the suites never saw is judged with band 0.
 """
 from __future__ import annotations
 
@@ -71,9 +73,10 @@ def _to_heads(rows: np.ndarray, h_q: int) -> np.ndarray:
     return rows if rows.shape[0] == h_q else np.repeat(rows, h_q // rows.shape[0], axis=0)
 
 
-def _logit_band(queries: np.ndarray, keys: np.ndarray, dtype: str) -> np.ndarray:
-    """``[H_q]``: the largest logit rounding bound over the given query rows ``[m, H_q, d]``."""
-    scale = core.default_scale(queries.shape[2])
+def _logit_band(queries: np.ndarray, keys: np.ndarray, dtype: str, scale: float | None) -> np.ndarray:
+    """``[H_q]``: the largest logit rounding bound over the given query rows ``[m, H_q, d]`` at softmax
+    ``scale`` (None: ``1/sqrt(d)``)."""
+    scale = core.default_scale(queries.shape[2]) if scale is None else scale
     return np.max([dot_band(qi, keys, dtype, scale=scale) for qi in queries], axis=0)
 
 
@@ -155,7 +158,7 @@ def _h2o_scores(method, state, q, k_new, v_new, dtype):
     queries = _queries_of(state, dtype)
     if queries is None:
         return s, np.zeros(h_q)
-    lb = _logit_band(np.concatenate([queries[: state.n], q[None]]), state.keys(), dtype)
+    lb = _logit_band(np.concatenate([queries[: state.n], q[None]]), state.keys(), dtype, state.scale)
     if method.gqa != "per_query_head":
         lb = np.repeat(reduce_group(lb[:, None], state.kept.shape[0], "max")[:, 0], h_q // state.kept.shape[0])
     finite = np.where(np.isfinite(s), np.abs(s), 0.0).max(axis=1)
@@ -212,10 +215,10 @@ def _snapkv_scores(method, state, q, k_new, v_new, dtype):
     h_kv = state.keys().shape[0]
     k_prompt = state.keys()[:, :t].transpose(1, 0, 2)
     s = np.full((kept.shape[0], n), np.inf)
-    s[:, :t] = method.unit_scores(queries[:t], k_prompt)
-    raw = window_scores(queries[:t], k_prompt, method.window, how=method.window_score)
+    s[:, :t] = method.unit_scores(queries[:t], k_prompt, scale=state.scale)
+    raw = window_scores(queries[:t], k_prompt, method.window, how=method.window_score, scale=state.scale)
     raw_max = raw.max(axis=1, initial=0.0)
-    lb = _logit_band(queries[t - method.window:t], state.keys()[:, :t], dtype)
+    lb = _logit_band(queries[t - method.window:t], state.keys()[:, :t], dtype, state.scale)
     g = h_q // h_kv
     if method.gqa != "per_query_head":   # a unit's score mixes its group: take the group's worst
         raw_max = np.repeat(raw_max.reshape(h_kv, g).max(axis=1) * (g if method.gqa == "sum" else 1), g)
@@ -225,7 +228,8 @@ def _snapkv_scores(method, state, q, k_new, v_new, dtype):
 
 _SNAP_SEQUENCES = eviction_sequences(max_length=20, max_h_kv=2, max_group=2, head_dims=(4, 8, 16),
                                      prefill_len=st.integers(5, 18))
+# min_prompt: the kvpress modes need a prompt longer than the window (<= 4 here)
 registry.register_suite("snapkv")(MethodSuite("snapkv", _snapkv_methods, sequences=_SNAP_SEQUENCES,
-                                              scores=_snapkv_scores))
+                                              scores=_snapkv_scores, min_prompt=5))
 registry.register_suite("pyramidkv")(MethodSuite("pyramidkv", _pyramidkv_methods, sequences=_SNAP_SEQUENCES,
-                                                 scores=_snapkv_scores))
+                                                 scores=_snapkv_scores, min_prompt=5))

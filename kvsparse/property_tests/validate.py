@@ -5,8 +5,14 @@ The contract a third-party kernel must meet is the kernel-step contract of ``sui
     kernel(method, q, k, v, *, positions=None, scale=None) -> output | (output, indices) | (output, indices, weights)
 
 with NumPy arrays in the kernel's dtype (torch tensors returned are converted at the boundary);
-stateful methods add ``kernel.prefill(method, q_prompt, k_prompt, v_prompt) -> state`` and
-``kernel.decode(method, state, q, k_new, v_new, *, scale=None) -> (state, step)``.
+stateful methods add ``kernel.prefill(method, q_prompt, k_prompt, v_prompt, *, scale=None) -> state``
+and ``kernel.decode(method, state, q, k_new, v_new, *, scale=None) -> (state, step)``, one softmax
+scale for the whole sequence (a ``prefill`` without ``scale``, the older contract, is called without
+it: ``suites.prefill_takes_scale``).
+
+``--inputs`` picks where inputs come from (``suites.INPUT_SOURCES``): the suites' strategies
+(default), the shipped SmolLM2 trace (or ``--trace FILE``), seeded synthetic traces, or a mix; for a
+stateful method a trace input is a prefix of one layer's Q/K/V decoded token by token.
 
 Randomized kernels (method ``vattention``) also take ``rng=`` (a ``numpy.random.Generator``) and
 return ``(output, indices, weights)``; they are checked statistically (``validate_sampler``,
@@ -117,17 +123,21 @@ class Recorder:
         self.__qualname__ = getattr(kernel, "__qualname__", type(kernel).__name__)
         self.__module__ = getattr(kernel, "__module__", "")
         if hasattr(kernel, "prefill"):
-            self.prefill = self._prefill
+            # the same prefill signature as the kernel's (with or without scale): suites.prefill_takes_scale
+            self.prefill = self._prefill if suites.prefill_takes_scale(kernel) else self._prefill_without_scale
             self.decode = self._decode
 
     def __call__(self, method, q, k, v, **kw):
         self.last = {"kind": "step", "method": method, "q": q, "k": k, "v": v, "scale": kw.get("scale")}
         return self.kernel(method, q, k, v, **kw)
 
-    def _prefill(self, method, q, k, v):
+    def _prefill(self, method, q, k, v, **kw):
         self.last = {"kind": "decode", "method": method, "q": [q], "k": [k], "v": [v], "prefill_len": q.shape[0],
-                     "scale": None}
-        return self.kernel.prefill(method, q, k, v)
+                     "scale": kw.get("scale")}
+        return self.kernel.prefill(method, q, k, v, **kw)
+
+    def _prefill_without_scale(self, method, q, k, v):
+        return self._prefill(method, q, k, v)
 
     def _decode(self, method, state, q, k_new, v_new, **kw):
         for key, x in (("q", q), ("k", k_new), ("v", v_new)):
@@ -300,7 +310,8 @@ def suite_for_fixed(name: str, method):
     if hasattr(method, "prefill") and hasattr(method, "decode"):
         need = min_prompt_len(method)
         if suite.sequences is None or need > 1:
-            suite = dataclasses.replace(suite, sequences=fitted_sequences(need))
+            suite = dataclasses.replace(suite, sequences=fitted_sequences(need),
+                                        min_prompt=max(suite.min_prompt, need))
     return suite
 
 
@@ -311,12 +322,21 @@ def _settings(examples: int, seed):
 
 def validate(name: str, kernel: Callable, *, params: dict | None = None, preset: str | None = None,
              examples: int = DEFAULT_EXAMPLES, seed: int | None = None, dtype: str = "float32",
-             save: str | Path | None = None, calls: int = DEFAULT_CALLS, alpha: float = DEFAULT_ALPHA):
-    """Run ``name``'s suite on ``kernel``. Returns ``(report, saved_path_or_None)``."""
+             save: str | Path | None = None, calls: int = DEFAULT_CALLS, alpha: float = DEFAULT_ALPHA,
+             inputs: str = "strategies", trace: str | Path | None = None, max_n: int | None = None):
+    """Run ``name``'s suite on ``kernel``. Returns ``(report, saved_path_or_None)``.
+
+    ``inputs``, ``trace``, ``max_n``: where the inputs come from (``suites.suite_inputs``).
+    """
     examples = core.check_positive_int(examples, "examples")
+    if inputs not in suites.INPUT_SOURCES:
+        raise ValueError(f"inputs must be one of {suites.INPUT_SOURCES}, got {inputs!r}")
     if preset is None:
         preset = getattr(kernel, "kvsparse_preset", None)
     if name == SAMPLER_METHOD:
+        if inputs != "strategies" or trace is not None:
+            raise ValueError(f"inputs must be 'strategies' for {SAMPLER_METHOD!r}: its statistical check draws "
+                             "planted-logit inputs whose failure rates are known, which traces are not")
         return validate_sampler(kernel, params=params, preset=preset, examples=examples, seed=seed, dtype=dtype,
                                 save=save, calls=calls, alpha=alpha)
     registry.get(name)                     # unknown method: ValueError (usage error)
@@ -325,7 +345,8 @@ def validate(name: str, kernel: Callable, *, params: dict | None = None, preset:
     else:
         suite = suites.suite_for(name)
     recorder = Recorder(kernel)
-    report = suites.run_suite(suite, recorder, dtype=dtype, settings=_settings(examples, seed), seed=seed)
+    report = suites.run_suite(suite, recorder, dtype=dtype, settings=_settings(examples, seed), seed=seed,
+                              inputs=inputs, trace=trace, max_n=max_n)
     if registry.get(name).suite is None:
         report.notes.append("no registered suite for this method: generic stateful check, exact selection, "
                             f"input families {GENERIC_FAMILIES}")
@@ -395,15 +416,20 @@ def cmd_validate(args) -> int:
             if params is not None or args.preset is not None:
                 raise ValueError("--params and --preset cannot be combined with --replay: the failure file "
                                  "stores the hyper-parameters it was found with")
+            if args.inputs != "strategies" or args.trace is not None:
+                raise ValueError("--inputs and --trace cannot be combined with --replay: the failure file "
+                                 "stores the exact input it was found on")
             verdict = replay(args.replay, kernel, args.method)
             verdicts = verdict if isinstance(verdict, list) else [verdict]
             bad = next((v for v in verdicts if not v.ok), None)
             print(bad if bad else verdicts[-1])
             return 1 if bad else 0
         t0 = time.perf_counter()
+        if args.trace is not None and not Path(args.trace).is_file():
+            raise ValueError(f"--trace {args.trace!r}: no such file")
         report, path = validate(args.method, kernel, params=params, preset=args.preset, examples=args.examples,
                                 seed=args.seed, dtype=args.dtype, save=args.save, calls=args.calls,
-                                alpha=args.alpha)
+                                alpha=args.alpha, inputs=args.inputs, trace=args.trace)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         print(f"kvsparse validate: error: {exc}", file=sys.stderr)
         return 2
@@ -433,5 +459,10 @@ def register(subparsers) -> None:
                    help="randomized methods (vattention): independent calls per input")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                    help="randomized methods: false-alarm probability of the whole run")
+    p.add_argument("--inputs", default="strategies", choices=list(suites.INPUT_SOURCES),
+                   help="where inputs come from: the suites' strategies (default), the shipped SmolLM2 trace "
+                        "(stateful methods: prefixes of a layer decoded token by token), synthetic traces, or a mix")
+    p.add_argument("--trace", default=None, help="an attention trace file for --inputs trace|mixed "
+                                                 "(default: the shipped SmolLM2 trace)")
     p.add_argument("--replay", default=None, help="re-run a saved failing input instead of searching")
     p.set_defaults(func=cmd_validate)

@@ -7,6 +7,8 @@ and the cluster offsets. Each decode step ranks the clusters by ``q . c`` (float
 ties to the lower cluster id), takes members in that order up to ``clip(budget - sinks, 0, m)``
 tokens, adds the sinks and every generated token, and attends with the shared-list sparse kernel.
 Conventions: ``kvsparse.oracle.clusterkv`` (budget counts sinks, not generated tokens; gqa policies).
+Softmax scale: ranking is unscaled (``q . c``); the scale given to ``prefill`` (``None``: ``1/sqrt(d)``)
+is stored and used by every decode step's attention; ``decode``'s ``scale`` must be None or equal to it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from ...oracle import core
 from ...oracle.clusterkv import clustered_budget
+from ...oracle.method import decode_scale, prefill_scale
 from ...registry import register_kernel
 from .attention import FASTMATH, _dot, attend_selection, check_float_arrays
 
@@ -31,6 +34,7 @@ class ClusterKVKernelState:
     centroids: np.ndarray   # [H_kv, C, d] float64
     members: np.ndarray     # [H_kv, m] positions grouped by cluster
     offsets: np.ndarray     # [H_kv, C + 1]
+    scale: float | None = None   # the softmax scale prefill was given
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -63,8 +67,9 @@ class ClusterKVKernel:
     """Kernel-step contract, stateful form: ``prefill`` then ``decode`` per token (original positions).
     ``decode`` appends to the state in place and returns it (the K/V buffers grow by doubling)."""
 
-    def prefill(self, method, q_prompt, k_prompt, v_prompt) -> ClusterKVKernelState:
+    def prefill(self, method, q_prompt, k_prompt, v_prompt, *, scale=None) -> ClusterKVKernelState:
         t, h_kv, d = k_prompt.shape
+        scale = prefill_scale(scale, d)
         if q_prompt.ndim != 3 or v_prompt.shape != k_prompt.shape or q_prompt.shape[0] != t:
             raise ValueError(f"prompts must be q [T, H_q, d], k/v [T, H_kv, d]; got {q_prompt.shape}, "
                              f"{k_prompt.shape}, {v_prompt.shape}")
@@ -80,9 +85,11 @@ class ClusterKVKernel:
         k[:, :t] = k_prompt.transpose(1, 0, 2)
         v[:, :t] = v_prompt.transpose(1, 0, 2)
         return ClusterKVKernelState(k, v, t, t, first, np.ascontiguousarray(centroids),
-                                    np.ascontiguousarray(members, dtype=np.int64), offsets.reshape(h_kv, -1))
+                                    np.ascontiguousarray(members, dtype=np.int64), offsets.reshape(h_kv, -1),
+                                    scale)
 
     def decode(self, method, state: ClusterKVKernelState, q, k_new, v_new, *, scale=None):
+        scale = decode_scale(state.scale, scale)
         if state.n == state.k.shape[1]:   # amortised growth
             grow = lambda x: np.concatenate([x, np.zeros_like(x)], axis=1)
             state.k, state.v = grow(state.k), grow(state.v)

@@ -5,6 +5,8 @@ queries. Conventions (units, the ``threshold / m`` importance test, prefill orde
 
 State: the K/V history (original positions, amortised growth), ``kept [U, capacity]`` and
 ``last [U, capacity]``; U = H_kv under ``gqa="union"`` (a group shares one cache), H_q otherwise.
+Softmax scale: the one given to ``prefill`` (``None``: ``1/sqrt(d)``), stored in the state and used by
+every decode step; ``decode``'s ``scale`` must be None or equal to it (the oracle's rule).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numba
 import numpy as np
 
 from ...oracle import core
+from ...oracle.method import decode_scale
 from ...registry import register_kernel
 from .attention import FASTMATH, _dot, check_float_arrays
 
@@ -26,6 +29,7 @@ class CORMKernelState:
     kept: np.ndarray     # [U, capacity] bool
     last: np.ndarray     # [U, capacity] int64
     n: int
+    scale: float | None = None   # the softmax scale prefill was run with
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
@@ -108,13 +112,14 @@ class CORMKernel:
             q, _, _ = check_float_arrays(np.ascontiguousarray(q_prompt[i]), k, v)
             corm_step(q, k, v, i + 1, kept, last, float(method.threshold), sc, out)
         corm_evict(kept, last, t, method.window, method.recent_span)
-        return CORMKernelState(k, v, kept, last, t)
+        return CORMKernelState(k, v, kept, last, t, sc)
 
     def decode(self, method, state: CORMKernelState, q, k_new, v_new, *, scale=None):
+        scale = decode_scale(state.scale, scale)
         if state.n == state.k.shape[1]:   # amortised growth
             grow = lambda x, fill: np.concatenate([x, np.full_like(x, fill)], axis=1)
             state = CORMKernelState(grow(state.k, 0), grow(state.v, 0), grow(state.kept, False),
-                                    grow(state.last, 0), state.n)
+                                    grow(state.last, 0), state.n, state.scale)
         t = state.n
         state.k[:, t] = k_new
         state.v[:, t] = v_new
@@ -127,7 +132,7 @@ class CORMKernel:
         per_unit = q.shape[0] // state.kept.shape[0]
         indices = [np.flatnonzero(state.kept[h // per_unit, :n]) for h in range(q.shape[0])]
         corm_evict(state.kept, state.last, n, method.window, method.recent_span)
-        return CORMKernelState(state.k, state.v, state.kept, state.last, n), (out.astype(q.dtype), indices)
+        return CORMKernelState(state.k, state.v, state.kept, state.last, n, state.scale), (out.astype(q.dtype), indices)
 
 
 corm = register_kernel("corm", "numba")(CORMKernel())

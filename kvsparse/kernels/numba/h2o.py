@@ -7,7 +7,9 @@ queries that see the key), reduced over the GQA group when ``gqa`` is ``mean|max
 returns this step's probabilities), add them to the scores. Eviction is NumPy over ``[U, n]``
 booleans: the ``recent`` latest positions are protected (plus the token leaving the window when
 ``leaving_token_competes=False``); the rest compete for the heavy slots by a stable sort (core tie
-rule). Scores are kept in the kernel's dtype (``score_bits=32`` for float32).
+rule). Scores are kept in the kernel's dtype (``score_bits=32`` for float32). Softmax scale: the
+prefill vote and every decode step use the ``scale`` given to ``prefill`` (``None``: ``1/sqrt(d)``),
+stored in the state; ``decode``'s ``scale`` must be None or equal to it (the oracle's rule).
 
 Supported: ``execution="drop"`` with every other convention of ``kvsparse.oracle.h2o.H2O`` (budgets and
 ratios frozen at prefill, ``timing``, ``leaving_token_competes``, ``decode_eviction``,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...oracle.method import decode_scale, prefill_scale
 from ...oracle.sliding_window import reduce_group
 from ...registry import register_kernel
 from .snapkv import EvictionState, append, check_prompt_arrays, masked_attention, new_state, rows_per_query_head, window_vote
@@ -50,21 +53,23 @@ class H2OKernel:
 
     evict = staticmethod(evict)
 
-    def prefill(self, method, q_prompt, k_prompt, v_prompt) -> EvictionState:
+    def prefill(self, method, q_prompt, k_prompt, v_prompt, *, scale=None) -> EvictionState:
         _check_supported(method)
         q_prompt, k_prompt, v_prompt = check_prompt_arrays(q_prompt, k_prompt, v_prompt)
         t, h_kv = k_prompt.shape[:2]
-        scores = window_vote(q_prompt, k_prompt, t)
+        scale = prefill_scale(scale, q_prompt.shape[2])
+        scores = window_vote(q_prompt, k_prompt, t, scale=scale)
         if method.score_normalization == "visible_queries":
             scores = scores / np.arange(t, 0, -1).astype(scores.dtype)
         if method.gqa != "per_query_head":
             scores = reduce_group(scores, h_kv, method.gqa).astype(q_prompt.dtype)
         heavy, recent = method.budgets(t)
         kept = self.evict(np.ones(scores.shape, bool), scores, heavy, recent, False)
-        return new_state(k_prompt, v_prompt, kept, scores=scores, heavy=heavy, recent=recent)
+        return new_state(k_prompt, v_prompt, kept, scores=scores, heavy=heavy, recent=recent, scale=scale)
 
     def decode(self, method, state: EvictionState, q, k_new, v_new, *, scale=None):
         _check_supported(method)
+        scale = decode_scale(state.scale, scale)
         state = append(state, k_new, v_new)
         protect = not method.leaving_token_competes
         if method.decode_eviction and method.timing == "before_attention":

@@ -11,7 +11,9 @@ Host side (NumPy, O(H T)): mean over the window, pooling (``core.pool1d``: the o
 rules), GQA reduction before/after pooling, ``+inf`` on the window, top ``budget_total`` per unit by
 a stable sort (core tie rule: higher score, then lower position). Every convention is the oracle's
 (``kvsparse.oracle.snapkv.SnapKV``); the budget comes from ``method.budget_total`` so PyramidKV's
-per-layer budget is honoured by the same code.
+per-layer budget is honoured by the same code. Softmax scale: ``prefill(..., scale=None)`` votes with
+it (``None``: ``1/sqrt(d)``) and stores it in the state; ``decode(..., scale=None)`` uses the state's,
+an explicit one must equal it (``kvsparse.oracle.method.decode_scale``), as the oracle.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numba
 import numpy as np
 
 from ...oracle import core
+from ...oracle.method import decode_scale, prefill_scale
 from ...oracle.sliding_window import reduce_group
 from ...registry import register_kernel
 from .attention import FASTMATH, _dot, check_float_arrays
@@ -112,7 +115,8 @@ def rows_per_query_head(rows: np.ndarray, h_q: int) -> np.ndarray:
 @dataclass
 class EvictionState:
     """K/V of every token (original positions, ``[H_kv, capacity, d]``, rows ``< n`` valid), the kept
-    mask per unit ``[U, n]`` and (H2O) the accumulated scores ``[U, n]`` in the kernel's dtype."""
+    mask per unit ``[U, n]``, (H2O) the accumulated scores ``[U, n]`` in the kernel's dtype, and the
+    softmax scale prefill was run with."""
 
     k: np.ndarray
     v: np.ndarray
@@ -121,6 +125,7 @@ class EvictionState:
     scores: np.ndarray | None = None
     heavy: int = 0
     recent: int = 0
+    scale: float | None = None
 
 
 def new_state(k_prompt, v_prompt, kept, **extra) -> EvictionState:
@@ -142,7 +147,7 @@ def append(state: EvictionState, k_new, v_new) -> EvictionState:
     kept = np.concatenate([state.kept, np.ones((state.kept.shape[0], 1), bool)], axis=1)
     scores = None if state.scores is None else np.concatenate(
         [state.scores, np.zeros((state.scores.shape[0], 1), state.scores.dtype)], axis=1)
-    return EvictionState(k, v, n + 1, kept, scores, state.heavy, state.recent)
+    return EvictionState(k, v, n + 1, kept, scores, state.heavy, state.recent, state.scale)
 
 
 def check_prompt_arrays(q_prompt, k_prompt, v_prompt):
@@ -168,9 +173,9 @@ def _pool(x, method):
 class SnapKVKernel:
     """Kernel-step contract, stateful form: ``prefill`` then ``decode`` per token."""
 
-    def unit_scores(self, method, q_prompt, k_prompt) -> np.ndarray:
+    def unit_scores(self, method, q_prompt, k_prompt, *, scale=None) -> np.ndarray:
         t, h_kv = k_prompt.shape[:2]
-        raw = window_vote(q_prompt, k_prompt, method.window)[:, : t - method.window]
+        raw = window_vote(q_prompt, k_prompt, method.window, scale=scale)[:, : t - method.window]
         if method.window_score == "mean":
             raw = raw / raw.dtype.type(method.window)
         if method.gqa == "per_query_head":
@@ -181,18 +186,20 @@ class SnapKVKernel:
             pooled = reduce_group(_pool(raw, method), h_kv, method.gqa).astype(raw.dtype)
         return np.concatenate([pooled, np.full((pooled.shape[0], method.window), np.inf, raw.dtype)], axis=1)
 
-    def prefill(self, method, q_prompt, k_prompt, v_prompt) -> EvictionState:
+    def prefill(self, method, q_prompt, k_prompt, v_prompt, *, scale=None) -> EvictionState:
         q_prompt, k_prompt, v_prompt = check_prompt_arrays(q_prompt, k_prompt, v_prompt)
         t, h_kv = k_prompt.shape[:2]
+        scale = prefill_scale(scale, q_prompt.shape[2])
         units = q_prompt.shape[1] if method.gqa == "per_query_head" else h_kv
         if method.compression_ratio is not None and t <= method.window:
             raise ValueError(f"kvpress needs more prompt tokens ({t}) than window ({method.window})")
         n_total = method.budget_total(t)
         kept = np.ones((units, t), bool) if n_total is None else \
-            topk_rows(self.unit_scores(method, q_prompt, k_prompt), n_total)
-        return new_state(k_prompt, v_prompt, kept)
+            topk_rows(self.unit_scores(method, q_prompt, k_prompt, scale=scale), n_total)
+        return new_state(k_prompt, v_prompt, kept, scale=scale)
 
     def decode(self, method, state: EvictionState, q, k_new, v_new, *, scale=None):
+        scale = decode_scale(state.scale, scale)
         state = append(state, k_new, v_new)
         mask = rows_per_query_head(state.kept, q.shape[0])
         out, _ = masked_attention(q, state.k[:, : state.n], state.v[:, : state.n], mask, scale=scale)

@@ -2,7 +2,9 @@
 
 Supported: ``schedule="every_step"`` with ``rope="as_given"`` (the canonical oracle); other modes
 raise ``NotImplementedError``. Under that rule a token's membership only depends on the current
-length, so the state is just the K/V history (original positions) and its length.
+length, so the state is just the K/V history (original positions), its length, and the softmax scale
+given to ``prefill`` (``None``: ``1/sqrt(d)``) that every decode step uses; ``decode``'s ``scale``
+must be None or equal to it (the oracle's rule).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...oracle.method import decode_scale, prefill_scale
 from ...registry import register_kernel
 from .attention import check_float_arrays, sparse_attention
 
@@ -19,6 +22,7 @@ class StreamingState:
     k: np.ndarray      # [H_kv, capacity, d]; rows [0, n) are tokens 0..n-1
     v: np.ndarray
     n: int
+    scale: float | None = None   # the softmax scale prefill was given
 
 
 def _check_supported(method):
@@ -36,24 +40,26 @@ def _kept(method, n: int) -> np.ndarray:
 class StreamingLLMKernel:
     """Kernel-step contract, stateful form (docs/kernels.md): ``prefill`` then ``decode`` per token."""
 
-    def prefill(self, method, q_prompt, k_prompt, v_prompt) -> StreamingState:
+    def prefill(self, method, q_prompt, k_prompt, v_prompt, *, scale=None) -> StreamingState:
         _check_supported(method)
         t, h_kv, d = k_prompt.shape
+        scale = prefill_scale(scale, d)
         cap = max(16, 2 * t)
         k = np.zeros((h_kv, cap, d), k_prompt.dtype)
         v = np.zeros((h_kv, cap, d), v_prompt.dtype)
         k[:, :t] = k_prompt.transpose(1, 0, 2)
         v[:, :t] = v_prompt.transpose(1, 0, 2)
-        return StreamingState(k, v, t)
+        return StreamingState(k, v, t, scale)
 
     def decode(self, method, state: StreamingState, q, k_new, v_new, *, scale=None):
         _check_supported(method)
+        scale = decode_scale(state.scale, scale)
         if state.n == state.k.shape[1]:   # amortised growth: the copy happens log(T) times
             grow = lambda x: np.concatenate([x, np.zeros_like(x)], axis=1)
-            state = StreamingState(grow(state.k), grow(state.v), state.n)
+            state = StreamingState(grow(state.k), grow(state.v), state.n, state.scale)
         state.k[:, state.n] = k_new
         state.v[:, state.n] = v_new
-        state = StreamingState(state.k, state.v, state.n + 1)
+        state = StreamingState(state.k, state.v, state.n + 1, state.scale)
         keep = _kept(method, state.n)
         q, k, v = check_float_arrays(q, state.k, state.v)
         lists = np.broadcast_to(keep, (k.shape[0], keep.size))

@@ -11,7 +11,9 @@ step's ``lse [H_q]`` from the attention kernel, ``p_j = exp(scale * q . k_j - ls
 Every convention of ``kvsparse.oracle.h2o.H2O`` with ``execution="drop"`` is honoured (budgets and
 ratios frozen at prefill, ``timing``, ``leaving_token_competes``, ``decode_eviction``,
 ``score_normalization``, ``gqa``); ``execution="mask_sim"`` (the masking simulation of the paper's
-tables, not a kernel path) raises ``ValueError``. Scores are fp32 (``score_bits=32``).
+tables, not a kernel path) raises ``ValueError``. Scores are fp32 (``score_bits=32``). Softmax scale:
+the one given to ``prefill`` (``None``: ``1/sqrt(d)``) votes and is stored (``state.extra["scale"]``)
+for every decode step; ``decode``'s ``scale`` must be None or equal to it (the oracle's rule).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ...oracle.method import decode_scale, prefill_scale
 from ...registry import register_kernel
 from .attention import _next_pow2, decode_attention_indices, mask_to_indices, rows_per_query_head, to_numpy, to_torch
 from .snapkv import KernelCacheState, append, reduce_group, window_vote
@@ -95,26 +98,28 @@ def _check_execution(method):
                          "(mask_sim is the paper's masking simulation: use the oracle)")
 
 
-def prefill(method, q_prompt, k_prompt, v_prompt):
+def prefill(method, q_prompt, k_prompt, v_prompt, *, scale=None):
     import torch
     _check_execution(method)
     qp, kp, vp = to_torch(q_prompt, "q_prompt"), to_torch(k_prompt, "k_prompt"), to_torch(v_prompt, "v_prompt")
     if qp.dim() != 3 or kp.dim() != 3 or kp.shape != vp.shape or qp.shape[0] != kp.shape[0] or qp.shape[0] < 1:
         raise ValueError(f"prompt must be q [T>=1, H_q, d], k/v [T, H_kv, d], got {tuple(qp.shape)}, {tuple(kp.shape)}")
     t, h_kv = kp.shape[:2]
-    scores = window_vote(qp, kp, t)
+    scale = prefill_scale(scale, kp.shape[2])
+    scores = window_vote(qp, kp, t, scale=scale)
     if method.score_normalization == "visible_queries":
         scores = scores / torch.arange(t, 0, -1, device=qp.device, dtype=torch.float32)
     scores = _unit_rows(method, scores, h_kv)
     heavy, recent = method.budgets(t)
     kept = evict(torch.ones(scores.shape, dtype=torch.bool, device=qp.device), scores, t, heavy, recent)
     return KernelCacheState(kp.transpose(0, 1).contiguous(), vp.transpose(0, 1).contiguous(), kept,
-                            {"scores": scores, "heavy": heavy, "recent": recent})
+                            {"scores": scores, "heavy": heavy, "recent": recent, "scale": scale})
 
 
 def decode(method, state: KernelCacheState, q, k_new, v_new, *, scale=None):
     import torch
     _check_execution(method)
+    scale = decode_scale(state.extra.get("scale"), scale)
     state = append(state, k_new, v_new)
     scores = torch.cat([state.extra["scores"], torch.zeros((state.kept.shape[0], 1), device=state.kept.device)], 1)
     heavy, recent, n = state.extra["heavy"], state.extra["recent"], state.n
@@ -137,8 +142,8 @@ def decode(method, state: KernelCacheState, q, k_new, v_new, *, scale=None):
 @register_kernel("h2o", "triton")
 def h2o(method, q, k, v, *, positions=None, scale=None):
     """H2O is stateful: use ``h2o.prefill`` / ``h2o.decode`` (the stateful kernel contract)."""
-    raise TypeError("the H2O kernel is stateful: call h2o.prefill(method, q_prompt, k_prompt, v_prompt) "
-                    "then h2o.decode(method, state, q, k_new, v_new)")
+    raise TypeError("the H2O kernel is stateful: call h2o.prefill(method, q_prompt, k_prompt, v_prompt, scale=...) "
+                    "then h2o.decode(method, state, q, k_new, v_new, scale=...)")
 
 
 h2o.prefill = prefill

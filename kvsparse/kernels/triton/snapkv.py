@@ -13,6 +13,8 @@ Host side (torch, O(H T)): ``mean`` (divide by w), pooling with the oracle's ``c
 ``budget_total`` per unit under the core tie rule (stable sort). Every convention is the oracle's
 (``kvsparse.oracle.snapkv.SnapKV``). Decode: the new token is appended and kept by every unit; each
 unit (query head, or KV head shared by its group) attends its kept rows; indices are original positions.
+Softmax scale: the one given to ``prefill`` (``None``: ``1/sqrt(d)``) votes and is stored
+(``state.extra["scale"]``) for every decode step; ``decode``'s ``scale`` must be None or equal to it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 
+from ...oracle.method import decode_scale, prefill_scale
 from ...registry import register_kernel
 from .attention import _next_pow2, attend_mask, indices_to_mask, rows_per_query_head, to_numpy, to_torch, topk_core
 
@@ -128,7 +131,8 @@ def reduce_group(scores, h_kv: int, how: str):
 @dataclass
 class KernelCacheState:
     """Device state of an eviction kernel: the whole K/V (``[H_kv, n, d]``, evicted rows are simply
-    never read), ``kept [U, n]`` bool, and method-specific extras (H2O: ``scores``, budgets)."""
+    never read), ``kept [U, n]`` bool, and extras: ``scale`` (the softmax scale prefill was run with)
+    and method-specific ones (H2O: ``scores``, budgets)."""
 
     k: Any
     v: Any
@@ -140,12 +144,12 @@ class KernelCacheState:
         return int(self.k.shape[1])
 
 
-def unit_scores(method, q_prompt, k_prompt):
+def unit_scores(method, q_prompt, k_prompt, *, scale=None):
     """``[U, T]`` fp32 pooled prefix scores per unit, ``+inf`` on the window (oracle ``unit_scores``)."""
     import torch
     t, h_kv = k_prompt.shape[0], k_prompt.shape[1]
     w = method.window
-    raw = window_vote(q_prompt, k_prompt, w)[:, : t - w]
+    raw = window_vote(q_prompt, k_prompt, w, scale=scale)[:, : t - w]
     if method.window_score == "mean":
         raw = raw / w
     if method.gqa == "per_query_head":
@@ -157,7 +161,7 @@ def unit_scores(method, q_prompt, k_prompt):
     return torch.cat([pooled, torch.full((pooled.shape[0], w), float("inf"), device=pooled.device)], dim=1)
 
 
-def prefill(method, q_prompt, k_prompt, v_prompt):
+def prefill(method, q_prompt, k_prompt, v_prompt, *, scale=None):
     """Kernel prefill: the kept rows of every unit after the window vote (see the module doc)."""
     import torch
     qp, kp, vp = to_torch(q_prompt, "q_prompt"), to_torch(k_prompt, "k_prompt"), to_torch(v_prompt, "v_prompt")
@@ -165,14 +169,15 @@ def prefill(method, q_prompt, k_prompt, v_prompt):
         raise ValueError(f"prompt must be q [T>=1, H_q, d], k/v [T, H_kv, d], got {tuple(qp.shape)}, {tuple(kp.shape)}")
     t, h_q = qp.shape[:2]
     h_kv = kp.shape[1]
+    scale = prefill_scale(scale, kp.shape[2])
     units = h_q if method.gqa == "per_query_head" else h_kv
     n_total = method.budget_total(t)
     if method.compression_ratio is not None and t <= method.window:
         raise ValueError(f"kvpress needs more prompt tokens ({t}) than window ({method.window})")
     kept = torch.ones((units, t), dtype=torch.bool, device=qp.device)
     if n_total is not None:
-        kept = indices_to_mask(topk_core(unit_scores(method, qp, kp), n_total), t)
-    return KernelCacheState(kp.transpose(0, 1).contiguous(), vp.transpose(0, 1).contiguous(), kept, {})
+        kept = indices_to_mask(topk_core(unit_scores(method, qp, kp, scale=scale), n_total), t)
+    return KernelCacheState(kp.transpose(0, 1).contiguous(), vp.transpose(0, 1).contiguous(), kept, {"scale": scale})
 
 
 def append(state: KernelCacheState, k_new, v_new) -> KernelCacheState:
@@ -189,6 +194,7 @@ def append(state: KernelCacheState, k_new, v_new) -> KernelCacheState:
 
 def decode(method, state: KernelCacheState, q, k_new, v_new, *, scale=None):
     """Kernel decode: append, attend every unit's kept rows; ``(state, (out, indices per query head))``."""
+    scale = decode_scale(state.extra.get("scale"), scale)
     state = append(state, k_new, v_new)
     qt = to_torch(q, "q")
     out, _, rows = attend_mask(qt, state.k, state.v, state.kept, scale=scale)
@@ -198,8 +204,8 @@ def decode(method, state: KernelCacheState, q, k_new, v_new, *, scale=None):
 @register_kernel("snapkv", "triton")
 def snapkv(method, q, k, v, *, positions=None, scale=None):
     """SnapKV is stateful: use ``snapkv.prefill`` / ``snapkv.decode`` (the stateful kernel contract)."""
-    raise TypeError("the SnapKV kernel is stateful: call snapkv.prefill(method, q_prompt, k_prompt, v_prompt) "
-                    "then snapkv.decode(method, state, q, k_new, v_new)")
+    raise TypeError("the SnapKV kernel is stateful: call snapkv.prefill(method, q_prompt, k_prompt, v_prompt, "
+                    "scale=...) then snapkv.decode(method, state, q, k_new, v_new, scale=...)")
 
 
 snapkv.prefill = prefill
