@@ -169,3 +169,20 @@ def test_layer_cost_is_a_layer_where_the_method_runs():
     dense_layer = trace.h_kv * trace.n_tokens * 2 * trace.d * 2
     assert overall["layer_attn_hbm_read_bytes"] < dense_layer / 2
     assert overall["sim_attn_hbm_read_bytes"] == 28 * overall["layer_attn_hbm_read_bytes"] + 2 * dense_layer
+
+
+def test_pyramidkv_is_evaluated_at_the_traces_layer():
+    """PyramidKV's budget depends on the layer: each trace layer is run as that layer of the trace's model."""
+    import dataclasses
+    from kvsparse.oracle.pyramidkv import PyramidKV
+    from kvsparse.sim.evaluate import at_layer, quality_rows
+    trace = load_trace(DEFAULT_TRACE)
+    n_layers = trace.metadata["config"]["n_layers"]
+    base = method_with_budget("pyramidkv", 128)
+    assert at_layer(base, 27, trace) == dataclasses.replace(base, layer=27, num_layers=n_layers)
+    assert at_layer(method_with_budget("snapkv", 128), 27, trace) == method_with_budget("snapkv", 128)
+    rows = {r["layer"]: r for r in evaluate(trace, ["pyramidkv"], [128], steps=2) if r["layer"] != "all"}
+    seqs = tuple(core.as_float64(a, "trace") for a in trace.layer(27).sequences())
+    expected = quality_rows(*seqs, PyramidKV(**{**dataclasses.asdict(base), "layer": 27, "num_layers": n_layers}), 2)
+    at_zero = quality_rows(*seqs, base, 2)
+    assert rows[27]["rel_error"] == expected["rel_error"] != at_zero["rel_error"]

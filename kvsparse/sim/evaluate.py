@@ -71,6 +71,15 @@ def method_with_budget(name: str, budget: int, preset: str = "canonical"):
     return dataclasses.replace(method, **{param: int(budget)})
 
 
+def at_layer(method, layer: int, trace):
+    """A method whose hyper-parameters name a layer (PyramidKV's per-layer budget) placed at the trace's
+    layer of the trace's model; other methods unchanged."""
+    fields = {f.name for f in dataclasses.fields(method)}
+    if {"layer", "num_layers"} <= fields:
+        return dataclasses.replace(method, layer=int(layer), num_layers=int(trace.metadata["config"]["n_layers"]))
+    return method
+
+
 def budget_methods() -> list[str]:
     return [n for n, e in registry.entries().items()
             if e.oracle is not None and e.cost is not None and getattr(e.cost, "budget_param", None)]
@@ -257,7 +266,8 @@ def evaluate(trace, methods: Sequence[str] = DEFAULT_METHODS, budgets: Sequence[
             per_layer = []
             for li in layers:
                 t0 = time.perf_counter()
-                row = {"method": name, "budget": int(b), "layer": li, **quality_rows(*seqs[li], method, steps)}
+                row = {"method": name, "budget": int(b), "layer": li,
+                       **quality_rows(*seqs[li], at_layer(method, li, trace), steps)}
                 row["oracle_seconds"] = time.perf_counter() - t0
                 per_layer.append(row)
             scaled = max(1, min(context, math.floor(b * context / trace.n_tokens)))
