@@ -12,6 +12,12 @@ Layout (C-contiguous; float32 or float64, one dtype for q, k, v and weights):
 Outputs: out [H_q, d] and lse [H_q] (natural log of sum_b w_b exp(logit_b)), both in q's dtype;
 an empty (or all-zero-weight) selection gives out = 0 and lse = -inf.
 
+Growing caches (the stateful kernels' states): k, v ``[H_kv, capacity, d]`` C-contiguous buffers whose
+first ``n`` rows are the cache. ``sparse_attention_prefix`` and ``kept_attention`` take the buffers and
+``n`` and never read rows ``>= n``; slicing ``k[:, :n]`` instead would make the entry check copy the
+whole cache each step (it is not contiguous). ``kept_attention`` takes a kept mask ``[U, n]`` (one set
+per query head, or per KV group) instead of index lists, and can return the step's probabilities.
+
 Each KV head is one task of a ``prange`` (parallel over heads). Per task, pass 1 reads each selected K
 row once and computes the G logits; pass 2 reads each V row once and accumulates the G outputs with
 exp(logit - max): no online rescaling. Logits, exponentials and sums accumulate in float64 whatever
@@ -148,6 +154,63 @@ def _dense_kernel(q, k, v, scale, out, lse):
         _write_group(acc, tot, mx, kvh, out, lse)
 
 
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _kept_kernel(q, k, v, kept, n, scale, out, lse, probs, with_probs):
+    h_q, d = q.shape
+    h_kv = k.shape[0]
+    g = h_q // h_kv
+    per_unit = h_q // kept.shape[0]
+    for kvh in numba.prange(h_kv):
+        # the group's union of kept rows, ascending: each row is loaded once for the G heads, and a
+        # head's dot products are computed only on its own rows (no 0-weight work, unlike a union
+        # list). Branch-free compaction: kept masks are irregular, a branch per position mispredicts.
+        rows = np.empty(n + 1, np.int64)
+        m = 0
+        for j in range(n):
+            hit = False
+            for gi in range(g):
+                hit |= kept[(kvh * g + gi) // per_unit, j]
+            rows[m] = j
+            m += hit
+        s = np.empty((g, m), np.float64)
+        mx = np.full(g, -np.inf, np.float64)
+        for b in range(m):
+            if b + PREFETCH_AHEAD < m:
+                _prefetch(k[kvh, rows[b + PREFETCH_AHEAD]])
+            row = rows[b]
+            for gi in range(g):
+                h = kvh * g + gi
+                if kept[h // per_unit, row]:
+                    x = _dot(q[h], k[kvh, row]) * scale
+                    s[gi, b] = x
+                    if x > mx[gi]:
+                        mx[gi] = x
+        acc = np.zeros((g, d), np.float64)
+        tot = np.zeros(g, np.float64)
+        for b in range(m):
+            if b + PREFETCH_AHEAD < m:
+                _prefetch(v[kvh, rows[b + PREFETCH_AHEAD]])
+            row = rows[b]
+            for gi in range(g):
+                h = kvh * g + gi
+                if kept[h // per_unit, row]:
+                    e = math.exp(s[gi, b] - mx[gi])
+                    s[gi, b] = e
+                    tot[gi] += e
+                    for c in range(d):
+                        acc[gi, c] += e * np.float64(v[kvh, row, c])
+        if with_probs:
+            for gi in range(g):
+                h = kvh * g + gi
+                for j in range(n):
+                    probs[h, j] = 0.0
+                if tot[gi] > 0:
+                    for b in range(m):
+                        if kept[h // per_unit, rows[b]]:
+                            probs[h, rows[b]] = s[gi, b] / tot[gi]
+        _write_group(acc, tot, mx, kvh, out, lse)
+
+
 @numba.njit(cache=True, parallel=True)
 def _merge_kernel(outs, lses, out, lse):
     parts, h_q, d = outs.shape
@@ -193,8 +256,7 @@ def _check_rows(idx, lengths, n):
 # validation at the boundary (Python), then one call into compiled code
 # --------------------------------------------------------------------------------------------
 
-def check_float_arrays(q, k, v):
-    """q [H_q, d], k/v [H_kv, n, d] NumPy arrays of ONE float dtype (float32 or float64); returns them contiguous."""
+def _check_float_types(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
@@ -209,7 +271,28 @@ def check_float_arrays(q, k, v):
     h_q, d = q.shape
     if k.shape[2] != d or k.shape[0] == 0 or h_q % k.shape[0]:
         raise ValueError(f"k {k.shape} must be [H_kv, n, d={d}] with H_q={h_q} divisible by H_kv")
+
+
+def check_float_arrays(q, k, v):
+    """q [H_q, d], k/v [H_kv, n, d] NumPy arrays of ONE float dtype (float32 or float64); returns them contiguous."""
+    _check_float_types(q, k, v)
     return np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+
+
+def check_float_buffers(q, k, v, n: int):
+    """As ``check_float_arrays`` for a cache held in the first ``n`` rows of growing buffers
+    ``k``/``v`` ``[H_kv, capacity, d]``: returns ``(q, k, v)`` with k/v the buffers themselves when they
+    are C-contiguous. Why: ``k[:, :n]`` of a larger buffer is not contiguous, and making it so copies
+    the whole cache every decode step, while the compiled kernels only ever address rows ``< n`` (those
+    they are told about), so the buffer serves as is; rows ``>= n`` are never read. A non-contiguous
+    buffer costs a copy of its first ``n`` rows only."""
+    _check_float_types(q, k, v)
+    n = int(n)
+    if not 0 <= n <= k.shape[1]:
+        raise ValueError(f"n must lie in [0, {k.shape[1]}] (the buffers' capacity), got {n}")
+    if not (k.flags.c_contiguous and v.flags.c_contiguous):
+        k, v = np.ascontiguousarray(k[:, :n]), np.ascontiguousarray(v[:, :n])
+    return np.ascontiguousarray(q), k, v
 
 
 def _scale(scale, d, dtype=None):
@@ -235,8 +318,24 @@ def sparse_attention(q, k, v, indices, lengths=None, weights=None, *, scale=None
     that built the lists themselves). Out-of-range rows with ``check=False`` are undefined behaviour.
     """
     q, k, v = check_float_arrays(q, k, v)
+    return _sparse_call(q, k, v, k.shape[1], indices, lengths, weights, scale, check)
+
+
+def sparse_attention_prefix(q, k, v, n: int, indices, lengths=None, weights=None, *, scale=None,
+                            check: bool = True):
+    """``sparse_attention`` over the cache held in the first ``n`` rows of growing buffers ``k``/``v``
+    ``[H_kv, capacity, d]`` (the states of the stateful kernels), without copying them
+    (``check_float_buffers``). Indices must lie in ``[0, n)`` (checked against ``n``, not the capacity,
+    unless ``check=False``). Same results as ``sparse_attention(q, k[:, :n], v[:, :n], ...)``."""
+    q, k, v = check_float_buffers(q, k, v, n)
+    return _sparse_call(q, k, v, int(n), indices, lengths, weights, scale, check)
+
+
+def _sparse_call(q, k, v, n, indices, lengths, weights, scale, check):
+    """The boundary checks of the index lists and weights, then the compiled kernel. ``k``/``v`` are
+    C-contiguous ``[H_kv, rows >= n, d]``; ``n`` bounds the rows the lists may name."""
     h_q, d = q.shape
-    h_kv, n, _ = k.shape
+    h_kv = k.shape[0]
     idx = np.asarray(indices)
     if idx.dtype.kind not in "iu":
         raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
@@ -319,3 +418,29 @@ def attend_selection(q, k, v, indices, weights=None, *, scale=None):
     q, k, v = check_float_arrays(q, k, v)
     lists, lengths, w = union_with_weights(indices, k.shape[0], q.dtype, weights)
     return sparse_attention(q, k, v, lists, lengths, w, scale=scale)
+
+
+def kept_attention(q, k, v, n: int, kept, *, scale=None, with_probs: bool = False):
+    """Attention of each query head over its unit's row of a kept mask, on the first ``n`` rows of
+    growing buffers ``k``/``v`` ``[H_kv, capacity, d]`` (not copied: ``check_float_buffers``).
+
+    ``kept [U, n]`` bool, U = H_q (a set per query head) or any U with H_kv | U | H_q (query head h
+    uses row ``h // (H_q / U)``; U = H_kv: a set shared by the group). Each selected K/V row is loaded
+    once per KV group. Returns ``(out [H_q, d], lse [H_q], probs)`` in q's dtype; ``probs [H_q, n]``
+    (the step's softmax over each head's kept rows, 0 elsewhere) only ``with_probs``, else None.
+    Per head the same numbers as ``sparse_attention`` over its kept rows (float64 accumulation).
+    """
+    q, k, v = check_float_buffers(q, k, v, n)
+    n = int(n)
+    kept = np.ascontiguousarray(kept)
+    h_q, h_kv = q.shape[0], k.shape[0]
+    if kept.dtype != np.bool_ or kept.ndim != 2 or kept.shape[1] != n:
+        raise ValueError(f"kept must be a bool [U, n={n}] array, got {kept.dtype} {kept.shape}")
+    units = kept.shape[0]
+    if units == 0 or units % h_kv or h_q % units:
+        raise ValueError(f"kept has {units} rows: needs H_kv={h_kv} | U | H_q={h_q}")
+    out = np.empty_like(q)
+    lse = np.empty(h_q, q.dtype)
+    probs = np.empty((h_q, n) if with_probs else (h_q, 0), q.dtype)
+    _kept_kernel(q, k, v, kept, n, _scale(scale, q.shape[1], q.dtype), out, lse, probs, with_probs)
+    return out, lse, (probs if with_probs else None)

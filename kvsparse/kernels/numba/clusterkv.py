@@ -5,7 +5,9 @@ clustering is a one-off plan, and reusing it keeps the two states identical) and
 the centroids (float64 metadata), the clustered positions grouped by cluster (ascending inside each)
 and the cluster offsets. Each decode step ranks the clusters by ``q . c`` (float64 accumulation,
 ties to the lower cluster id), takes members in that order up to ``clip(budget - sinks, 0, m)``
-tokens, adds the sinks and every generated token, and attends with the shared-list sparse kernel.
+tokens, adds the sinks and every generated token, and attends over those per-head sets
+(``attention.kept_attention`` on the state's capacity buffers: no copy of the cache, each row loaded
+once per KV group).
 Conventions: ``kvsparse.oracle.clusterkv`` (budget counts sinks, not generated tokens; gqa policies).
 Softmax scale: ranking is unscaled (``q . c``); the scale given to ``prefill`` (``None``: ``1/sqrt(d)``)
 is stored and used by every decode step's attention; ``decode``'s ``scale`` must be None or equal to it.
@@ -21,7 +23,8 @@ from ...oracle import core
 from ...oracle.clusterkv import clustered_budget
 from ...oracle.method import decode_scale, prefill_scale
 from ...registry import register_kernel
-from .attention import FASTMATH, _dot, attend_selection, check_float_arrays
+from .attention import FASTMATH, _dot, check_float_buffers, kept_attention
+from .snapkv import unit_rows_per_query_head
 
 
 @dataclass
@@ -96,7 +99,8 @@ class ClusterKVKernel:
         state.k[:, state.n] = k_new
         state.v[:, state.n] = v_new
         state.n += 1
-        q, k, v = check_float_arrays(q, state.k[:, :state.n], state.v[:, :state.n])
+        # the buffers as they are: slicing [:, :n] and making it contiguous would copy the whole cache
+        q, k, v = check_float_buffers(q, state.k, state.v, state.n)
         h_q, d = q.shape
         h_kv, m = state.members.shape
         r = clustered_budget(method.budget, method.sinks, m)
@@ -112,10 +116,14 @@ class ClusterKVKernel:
             elif method.gqa != "per_query_head":
                 raise ValueError(f"gqa must be 'per_query_head' or 'mean_query', got {method.gqa!r}")
             chosen = fill_budget(np.ascontiguousarray(queries), state.centroids, state.members, state.offsets, r)
-        always = np.concatenate([np.arange(state.first), np.arange(state.prompt_len, state.n)]).astype(np.int64)
-        sets = [np.sort(np.concatenate([always, chosen[h]])) for h in range(h_q)]
-        out, _ = attend_selection(q, k, v, sets, scale=scale)
-        return state, (out, sets)
+        # per query head a kept mask: the sinks, every generated token, the chosen members (disjoint
+        # by construction: members lie in [first, prompt_len), each once)
+        kept = np.zeros((h_q, state.n), np.bool_)
+        kept[:, : state.first] = True
+        kept[:, state.prompt_len:] = True
+        np.put_along_axis(kept, chosen, True, axis=1)
+        out, _, _ = kept_attention(q, k, v, state.n, kept, scale=scale)
+        return state, (out, unit_rows_per_query_head(kept, h_q))
 
 
 clusterkv = register_kernel("clusterkv", "numba")(ClusterKVKernel())

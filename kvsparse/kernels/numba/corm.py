@@ -32,39 +32,55 @@ class CORMKernelState:
     scale: float | None = None   # the softmax scale prefill was run with
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def corm_step(q, k, v, n, kept, last, threshold, scale, out):
     """Query at position ``n - 1`` attends each unit's kept keys among ``0..n-1`` (into ``out``);
-    every kept key with probability ``>= threshold / m`` (m: keys the head attended) gets stamp n - 1."""
+    every kept key with probability ``>= threshold / m`` (m: keys the head attended) gets stamp n - 1.
+
+    ``k``/``v`` ``[H_kv, capacity, d]`` (rows ``< n`` read), ``kept``/``last`` ``[U, capacity]``.
+    One ``prange`` task per KV head, looping over its G query heads inside: each K and V row is then
+    loaded once per group (a dense step is bound by reading the cache), and every unit lies inside one
+    KV group (U = H_kv or H_q), so no two tasks write the same ``last`` entry. Each head's arithmetic
+    (logits, max, exponentials, sums in float64) is the per-head loop's, in the same order over p."""
     h_q, d = q.shape
-    g = h_q // k.shape[0]
+    h_kv = k.shape[0]
+    g = h_q // h_kv
     per_unit = h_q // kept.shape[0]
     t = n - 1
-    s = np.empty(n, np.float64)
-    for h in range(h_q):
-        u = h // per_unit
-        kvh = h // g
-        mx = -np.inf
-        m = 0
+    for kvh in numba.prange(h_kv):
+        s = np.empty((g, n), np.float64)
+        mx = np.full(g, -np.inf)
+        m = np.zeros(g, np.int64)
         for p in range(n):
-            if kept[u, p]:
-                s[p] = _dot(q[h], k[kvh, p]) * scale
-                m += 1
-                if s[p] > mx:
-                    mx = s[p]
-        tot = 0.0
-        acc = np.zeros(d, np.float64)
+            for gi in range(g):
+                h = kvh * g + gi
+                if kept[h // per_unit, p]:
+                    x = _dot(q[h], k[kvh, p]) * scale
+                    s[gi, p] = x
+                    m[gi] += 1
+                    if x > mx[gi]:
+                        mx[gi] = x
+        tot = np.zeros(g, np.float64)
+        acc = np.zeros((g, d), np.float64)
         for p in range(n):
-            if kept[u, p]:
-                s[p] = math.exp(s[p] - mx)
-                tot += s[p]
-                for c in range(d):
-                    acc[c] += s[p] * np.float64(v[kvh, p, c])
-        for c in range(d):
-            out[h, c] = acc[c] / tot
-        for p in range(n):
-            if kept[u, p] and s[p] / tot >= threshold / m:
-                last[u, p] = t
+            for gi in range(g):
+                h = kvh * g + gi
+                if kept[h // per_unit, p]:
+                    e = math.exp(s[gi, p] - mx[gi])
+                    s[gi, p] = e
+                    tot[gi] += e
+                    for c in range(d):
+                        acc[gi, c] += e * np.float64(v[kvh, p, c])
+        for gi in range(g):
+            h = kvh * g + gi
+            for c in range(d):
+                out[h, c] = acc[gi, c] / tot[gi]
+        for gi in range(g):
+            h = kvh * g + gi
+            u = h // per_unit
+            for p in range(n):
+                if kept[u, p] and s[gi, p] / tot[gi] >= threshold / m[gi]:
+                    last[u, p] = t
 
 
 @numba.njit(cache=True)
@@ -130,7 +146,9 @@ class CORMKernel:
         out = np.empty(q.shape, np.float64)
         corm_step(q, k, v, n, state.kept, state.last, float(method.threshold), _scale(scale, q.shape[1]), out)
         per_unit = q.shape[0] // state.kept.shape[0]
-        indices = [np.flatnonzero(state.kept[h // per_unit, :n]) for h in range(q.shape[0])]
+        # one scan per unit (not per query head): the heads of a unit share its kept set
+        rows = [np.flatnonzero(state.kept[u, :n]) for u in range(state.kept.shape[0])]
+        indices = [rows[h // per_unit] for h in range(q.shape[0])]
         corm_evict(state.kept, state.last, n, method.window, method.recent_span)
         return CORMKernelState(state.k, state.v, state.kept, state.last, n, state.scale), (out.astype(q.dtype), indices)
 

@@ -3,13 +3,15 @@
 Prefill: every token's score is the column sum of the prompt's causal softmax (``snapkv.window_vote``
 with the window = the whole prompt; ``score_normalization="visible_queries"`` divides by the number of
 queries that see the key), reduced over the GQA group when ``gqa`` is ``mean|max|sum``. Decode: append
-(score 0), evict (``timing``), attend the kept rows with ``snapkv.masked_attention`` (which also
-returns this step's probabilities), add them to the scores. Eviction is NumPy over ``[U, n]``
-booleans: the ``recent`` latest positions are protected (plus the token leaving the window when
-``leaving_token_competes=False``); the rest compete for the heavy slots by a stable sort (core tie
-rule). Scores are kept in the kernel's dtype (``score_bits=32`` for float32). Softmax scale: the
-prefill vote and every decode step use the ``scale`` given to ``prefill`` (``None``: ``1/sqrt(d)``),
-stored in the state; ``decode``'s ``scale`` must be None or equal to it (the oracle's rule).
+(score 0), evict (``timing``), attend the kept rows with ``attention.kept_attention`` on the state's
+capacity buffers (no copy of the cache; it also returns this step's probabilities), add them to the
+scores. Eviction over ``[U, n]`` booleans: the ``recent`` latest positions are protected (plus the
+token leaving the window when ``leaving_token_competes=False``); the rest compete for the heavy slots
+(core tie rule: higher score, then lower position), chosen per unit by a linear-time selection
+(``_select.topk_set``) with the result of a stable sort (``evict_reference``). Scores are kept in the
+kernel's dtype (``score_bits=32`` for float32). Softmax scale: the prefill vote and every decode step
+use the ``scale`` given to ``prefill`` (``None``: ``1/sqrt(d)``), stored in the state; ``decode``'s
+``scale`` must be None or equal to it (the oracle's rule).
 
 Supported: ``execution="drop"`` with every other convention of ``kvsparse.oracle.h2o.H2O`` (budgets and
 ratios frozen at prefill, ``timing``, ``leaving_token_competes``, ``decode_eviction``,
@@ -18,12 +20,15 @@ kernel path) raises ``ValueError``.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ...oracle.method import decode_scale, prefill_scale
 from ...oracle.sliding_window import reduce_group
 from ...registry import register_kernel
-from .snapkv import EvictionState, append, check_prompt_arrays, masked_attention, new_state, rows_per_query_head, window_vote
+from ._select import topk_set
+from .attention import kept_attention
+from .snapkv import EvictionState, append, check_prompt_arrays, new_state, unit_rows_per_query_head, window_vote
 
 
 def _check_supported(method):
@@ -31,8 +36,10 @@ def _check_supported(method):
         raise ValueError(f"the Numba H2O kernel supports execution='drop' only, got {method.execution!r}")
 
 
-def evict(kept: np.ndarray, scores: np.ndarray, heavy: int, recent: int, protect_leaving: bool) -> np.ndarray:
-    """Kept rows after one eviction round (the oracle's ``h2o.evict``, vectorised over units)."""
+def evict_reference(kept: np.ndarray, scores: np.ndarray, heavy: int, recent: int, protect_leaving: bool) -> np.ndarray:
+    """Kept rows after one eviction round (the oracle's ``h2o.evict``, vectorised over units): a stable
+    sort per unit, O(U n log n). ``evict`` computes the same by selection; this is its fallback for
+    scores it cannot rank identically (NaN or -inf among the candidates)."""
     n = kept.shape[1]
     pos = np.arange(n)
     protected = pos >= n - recent
@@ -46,6 +53,63 @@ def evict(kept: np.ndarray, scores: np.ndarray, heavy: int, recent: int, protect
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(n)[None, :].repeat(kept.shape[0], 0), axis=1)
     return (kept & protected) | (cand & (rank < slots[:, None]))
+
+
+@numba.njit(cache=True, parallel=True)
+def _evict_rows(kept, scores, heavy, recent, protect_leaving, out):
+    """``evict_reference`` per unit (``prange``), on the unit's kept positions only (compacted in
+    ascending order; a decode keeps heavy + recent of n). The first ``slots`` of the stable descending
+    sort of ``key`` (score for a candidate, -inf for a protected row) are ``topk_set(key, slots)``
+    (the same tie rule: higher value, then lower position), found by selection instead of a sort.
+    Dropping the unkept positions (key -inf in the reference) changes no candidate's rank unless a
+    candidate's score is itself -inf or NaN (NaN also orders differently: argsort puts it last);
+    such a unit is flagged in the returned ``[U]`` bools and the caller redoes the call with
+    ``evict_reference``."""
+    units, n = kept.shape
+    bad = np.zeros(units, np.bool_)
+    for u in numba.prange(units):
+        pos = np.empty(n + 1, np.int64)      # branch-free compaction, one spare slot
+        m = 0
+        for p in range(n):
+            pos[m] = p
+            m += kept[u, p]
+        key = np.empty(m, scores.dtype)
+        cand = np.empty(m, np.bool_)
+        for p in range(n):
+            out[u, p] = False
+        leaving = 0
+        for b in range(m):
+            p = pos[b]
+            prot = p >= n - recent or (protect_leaving and p == n - recent - 1)
+            if prot and p < n - recent:
+                leaving += 1
+            cand[b] = not prot
+            key[b] = scores[u, p] if cand[b] else -np.inf
+            if cand[b] and not key[b] > -np.inf:
+                bad[u] = True
+            if prot:
+                out[u, p] = True
+        slots = heavy - leaving
+        if slots > 0 and not bad[u]:
+            for b in topk_set(key, slots):
+                if cand[b]:
+                    out[u, pos[b]] = True
+    return bad
+
+
+def evict(kept: np.ndarray, scores: np.ndarray, heavy: int, recent: int, protect_leaving: bool) -> np.ndarray:
+    """Kept rows after one eviction round (the oracle's ``h2o.evict``, vectorised over units): the
+    ``recent`` latest positions are protected (and the one leaving the window if ``protect_leaving``);
+    the other kept rows compete for ``heavy`` slots (less any protected leaving token) by score,
+    higher first, lower position on ties. Same result as ``evict_reference``, in O(U n)."""
+    kept = np.ascontiguousarray(kept, dtype=np.bool_)
+    scores = np.ascontiguousarray(scores)
+    if scores.dtype not in (np.float32, np.float64) or scores.shape != kept.shape:
+        return evict_reference(kept, scores, heavy, recent, protect_leaving)
+    out = np.empty(kept.shape, np.bool_)
+    if _evict_rows(kept, scores, int(heavy), int(recent), bool(protect_leaving), out).any():
+        return evict_reference(kept, scores, heavy, recent, protect_leaving)
+    return out
 
 
 class H2OKernel:
@@ -75,12 +139,12 @@ class H2OKernel:
         if method.decode_eviction and method.timing == "before_attention":
             state.kept = self.evict(state.kept, state.scores, state.heavy, state.recent, protect)
         h_q, h_kv = q.shape[0], state.k.shape[0]
-        mask = rows_per_query_head(state.kept, h_q)
-        out, probs = masked_attention(q, state.k[:, : state.n], state.v[:, : state.n], mask, scale=scale)
+        # the capacity buffers as they are (k[:, :n] made contiguous would copy the whole cache)
+        out, _, probs = kept_attention(q, state.k, state.v, state.n, state.kept, scale=scale, with_probs=True)
         if method.gqa != "per_query_head":
             probs = reduce_group(probs, h_kv, method.gqa).astype(probs.dtype)
         state.scores = state.scores + probs
-        rows = [np.flatnonzero(r) for r in mask]
+        rows = unit_rows_per_query_head(state.kept, h_q)
         if method.decode_eviction and method.timing == "after_attention":
             state.kept = self.evict(state.kept, state.scores, state.heavy, state.recent, protect)
         return state, (out, rows)

@@ -7,6 +7,8 @@ stored in the input dtype, as ``attention.py``):
                      queries (H2O's prefill is the same vote with ``w = T``); ``prange`` over query heads.
   masked_attention   one decode step over a per-query-head kept mask ``[H_q, n]``: output ``[H_q, d]``
                      and the step's probabilities ``[H_q, n]`` (0 off the mask); ``prange`` over heads.
+Decode attends with ``attention.kept_attention`` on the state's ``[H_kv, capacity, d]`` buffers (rows
+``< n`` read, no copy of the cache; each kept row loaded once per KV group).
 Host side (NumPy, O(H T)): mean over the window, pooling (``core.pool1d``: the oracle's padding
 rules), GQA reduction before/after pooling, ``+inf`` on the window, top ``budget_total`` per unit by
 a stable sort (core tie rule: higher score, then lower position). Every convention is the oracle's
@@ -27,7 +29,7 @@ from ...oracle import core
 from ...oracle.method import decode_scale, prefill_scale
 from ...oracle.sliding_window import reduce_group
 from ...registry import register_kernel
-from .attention import FASTMATH, _dot, check_float_arrays
+from .attention import FASTMATH, _dot, check_float_arrays, kept_attention
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -110,6 +112,38 @@ def topk_rows(scores: np.ndarray, size: int) -> np.ndarray:
 
 def rows_per_query_head(rows: np.ndarray, h_q: int) -> np.ndarray:
     return rows if rows.shape[0] == h_q else np.repeat(rows, h_q // rows.shape[0], axis=0)
+
+
+@numba.njit(cache=True, parallel=True)
+def kept_rows(kept):
+    """``kept [U, n]`` bool -> ``(rows [U, B + 1], counts [U])``: row u's kept positions, ascending, in
+    ``rows[u, :counts[u]]`` (B = the largest count; the rest is scratch). ``prange`` over units."""
+    units, n = kept.shape
+    counts = np.zeros(units, np.int64)
+    for u in numba.prange(units):
+        c = 0
+        for j in range(n):
+            c += kept[u, j]
+        counts[u] = c
+    # branch-free compaction (kept masks are irregular: a branch per position mispredicts); every
+    # position is written at the cursor, which advances only past kept ones, hence one spare column
+    rows = np.empty((units, (counts.max() if units else 0) + 1), np.int64)
+    for u in numba.prange(units):
+        b = 0
+        for j in range(n):
+            rows[u, b] = j
+            b += kept[u, j]
+    return rows, counts
+
+
+def unit_rows_per_query_head(kept: np.ndarray, h_q: int) -> list:
+    """Per query head, the kept positions of its unit (``kept [U, n]``, U | H_q), ascending: what
+    ``flatnonzero`` of each row of ``rows_per_query_head`` gives, from one compiled scan of ``kept``
+    (the heads of a unit share one view)."""
+    rows, counts = kept_rows(np.ascontiguousarray(kept, dtype=np.bool_))
+    views = [rows[u, : counts[u]] for u in range(kept.shape[0])]
+    per_unit = h_q // kept.shape[0]
+    return [views[h // per_unit] for h in range(h_q)]
 
 
 @dataclass
@@ -201,9 +235,9 @@ class SnapKVKernel:
     def decode(self, method, state: EvictionState, q, k_new, v_new, *, scale=None):
         scale = decode_scale(state.scale, scale)
         state = append(state, k_new, v_new)
-        mask = rows_per_query_head(state.kept, q.shape[0])
-        out, _ = masked_attention(q, state.k[:, : state.n], state.v[:, : state.n], mask, scale=scale)
-        return state, (out, [np.flatnonzero(r) for r in mask])
+        # the capacity buffers as they are (k[:, :n] made contiguous would copy the whole cache)
+        out, _, _ = kept_attention(q, state.k, state.v, state.n, state.kept, scale=scale)
+        return state, (out, unit_rows_per_query_head(state.kept, q.shape[0]))
 
     def __call__(self, method, q, k, v, *, positions=None, scale=None):
         raise TypeError(f"the {method.name} kernel is stateful: call .prefill(...) then .decode(...)")
