@@ -3,6 +3,9 @@
 ``q [H_q, d]``, ``k``/``v`` ``[H_kv, n, d]`` (float32 or float64), ``keep [H_q]`` bool. One ``prange``
 task per KV head; a KV head none of whose query heads is kept is never read. Skipped heads output 0
 and ``lse = -inf`` (the oracle's convention). Float64 accumulation.
+
+The registered kernel with the oracle predictor (no ``head_mask``) is one dense pass: the predictor
+ranks heads by their true output norm, so the kept heads' outputs are already computed.
 """
 from __future__ import annotations
 
@@ -75,9 +78,12 @@ def deja_vu(method, q, k, v, *, positions=None, scale=None):
         if len(method.head_mask) != h_q:
             raise ValueError(f"head_mask must have one entry per query head ({h_q}), got {len(method.head_mask)}")
         keep = np.array(method.head_mask, dtype=bool)
+        out, _ = head_masked_attention(q, k, v, keep, scale=scale)
     else:
-        dense, _ = dense_attention(q, k, v, scale=scale)
-        norms = np.linalg.norm(dense.astype(np.float64), axis=-1)
-        keep = core.topk_mask(norms, method.heads_to_keep(h_q))
-    out, _ = head_masked_attention(q, k, v, keep, scale=scale)
+        # the predictor needs every head's true output, and a kept head's output IS that row of the
+        # dense pass (the same float64 arithmetic over all n tokens as _masked_kernel), so the step
+        # reads K/V once: zero the skipped rows rather than attend the kept heads a second time
+        out, _ = dense_attention(q, k, v, scale=scale)
+        keep = core.topk_mask(np.linalg.norm(out.astype(np.float64), axis=-1), method.heads_to_keep(h_q))
+        out[~keep] = 0
     return out, [np.arange(n) if kept else np.zeros(0, np.int64) for kept in keep]
