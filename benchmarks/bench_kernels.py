@@ -21,8 +21,9 @@ both sides see identical numbers (the "max abs dout" column compares their outpu
 * MLA: the registered kernel contract, on MLA's absorbed view at its own canonical shape
   (H=16 heads over one latent head of width r + d_R = 576), not the 32/8/128 shape.
 * KV quantization: the canonical preset with ``scale_dtype="float32"`` (a float32 kernel stores float32
-  scales); the call quantizes the cache every step on both sides. An extra row times the kernel on a
-  cache quantized once (what a decoder maintains) against the same oracle time.
+  scales); the call quantizes the cache every step on both sides (the kernel in Numba). An extra row
+  passes the kernel the cache quantized once (``cache=``, what a decoder maintains) against the same
+  oracle time.
 
 Threads: Numba's OpenMP layer spin-waits by default; on a shared 2-core machine a parallel region whose
 other thread has lost its core then costs a scheduler tick (measured: a 258-row sparse attention, 0.36
@@ -161,16 +162,13 @@ def stateless_case(method, kernel, x: Inputs):
 
 
 def kv_quant_case(method, kernel, x: Inputs):
-    from kvsparse.kernels.numba.kv_quant import quantized_attention, stored_parts
+    from kvsparse.kernels.numba.kv_quant import quantize_cache
     method = dataclasses.replace(method, scale_dtype="float32")
     o, o_fresh, k, k_fresh, _, _ = stateless_case(method, kernel, x)
-    note = "scale_dtype=float32 (both sides); quantizes the cache every step"
-    if method.base is not None:
-        return o, o_fresh, k, k_fresh, note, []
-    cache = method.quantize_cache(x.k, x.v)
-    parts = stored_parts(cache.keys, cache.k_full, x.q.dtype), stored_parts(cache.values, cache.v_full, x.q.dtype)
-    extra = [("kv_quant (cache quantized once, as a decoder keeps it)",
-              lambda _: quantized_attention(x.q, *parts), None)]
+    note = "scale_dtype=float32 (both sides); quantizes the cache every step (the kernel in Numba)"
+    cache = quantize_cache(method, x.k, x.v, x.q.dtype)
+    extra = [("kv_quant (quantized cache passed, as a decoder keeps it)",
+              lambda _: kernel(method, x.q, x.k, x.v, cache=cache), None)]
     return o, o_fresh, k, k_fresh, note, extra
 
 
@@ -482,12 +480,12 @@ def deja_vu_stages(x: Inputs):
 def kv_quant_stages(x: Inputs):
     from kvsparse import registry
     from kvsparse.kernels.numba.attention import dense_attention
-    from kvsparse.kernels.numba.kv_quant import quantized_attention, stored_parts
+    from kvsparse.kernels.numba.kv_quant import quantize_cache, quantized_attention
     m = dataclasses.replace(registry.oracle("kv_quant"), scale_dtype="float32")
-    cache = m.quantize_cache(x.k, x.v)
-    parts = stored_parts(cache.keys, cache.k_full, x.q.dtype), stored_parts(cache.values, cache.v_full, x.q.dtype)
+    parts = quantize_cache(m, x.k, x.v, x.q.dtype)
     return [
-        ("quantize_cache (the oracle's NumPy quantizer; the kernel call runs it)", lambda: m.quantize_cache(x.k, x.v)),
+        ("quantize_cache (Numba; the kernel call runs it unless a cache is passed)",
+         lambda: quantize_cache(m, x.k, x.v, x.q.dtype)),
         ("quantized_attention (dequantize-on-read, 4-bit K and V)", lambda: quantized_attention(x.q, *parts)),
         ("dense_attention on the float32 cache, for comparison", lambda: dense_attention(x.q, x.k, x.v)),
     ]

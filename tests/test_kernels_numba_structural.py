@@ -155,6 +155,112 @@ def test_quant_tolerance_catches_a_planted_bug():
                                   q, kh, vh, "float32").ok
 
 
+@st.composite
+def quant_layouts(draw, dtype):
+    """Any KVQuant layout (bits, axes, group sizes that split or do not split a byte's codes, residual
+    rules), with a scale dtype a ``dtype`` kernel can store; plus a magnitude for the inputs (tiny and
+    huge values reach float16's subnormals and overflow)."""
+    bits = st.sampled_from([2, 4, 8])
+    residual_rule = draw(st.sampled_from(["window", "kivi"]))
+    group = draw(st.sampled_from([0, 1, 2, 3, 4, 8, 32]))
+    residual = draw(st.integers(0, 12))
+    if residual_rule == "kivi":
+        residual = max(1, group) * max(1, residual // 4)
+    scale_dtype = "float32" if dtype == "float32" else draw(st.sampled_from(["float64", "float32", "float16"]))
+    m = KVQuant(key_bits=draw(bits), value_bits=draw(bits), key_axis=draw(st.sampled_from(["token", "channel"])),
+                value_axis=draw(st.sampled_from(["token", "channel"])), group_size=group, residual=residual,
+                residual_rule=residual_rule, scale_dtype=scale_dtype)
+    return m, draw(st.sampled_from([1e-6, 1.0, 3e4]))
+
+
+def given_case(dtype, inp, magnitude):
+    q, k, v = (round_to(x, dtype) for x in (inp.q, inp.k * magnitude, inp.v * magnitude))
+    return q, k, v, tuple(x.astype(dtype) for x in (q, k, v))
+
+
+QUANT_HEAD_DIMS = (4, 8, 16, 128)
+"""128: several channel groups per row with whole 8-byte chunks each (the kernel's broadcast fill)."""
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")   # the oracle's float16 scales
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")      # past 65504, by design
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(inp=decode_inputs(max_n=80, head_dims=QUANT_HEAD_DIMS), data=st.data())
+def test_quantize_cache_is_the_oracles_and_a_given_cache_is_the_same_step(dtype, inp, data):
+    """The Numba quantizer's codes, scales and zero points are the oracle's to the bit; the kernel
+    given that cache returns exactly what it returns quantizing inside, within the tolerance of the oracle."""
+    from kvsparse.kernels.numba.kv_quant import quantize_cache, stored_parts
+    m, magnitude = data.draw(quant_layouts(dtype))
+    q, k, v, (q_, k_, v_) = given_case(dtype, inp, magnitude)
+    oracle = m.quantize_cache(k, v)
+    want = (stored_parts(oracle.keys, oracle.k_full, dtype), stored_parts(oracle.values, oracle.v_full, dtype))
+    got = quantize_cache(m, k_, v_, dtype)
+    for w_parts, g_parts in zip(want, got):
+        for w_x, g_x in zip(w_parts, g_parts):
+            if isinstance(w_x, np.ndarray):
+                assert g_x.dtype == w_x.dtype and g_x.shape == w_x.shape and np.array_equal(g_x, w_x)
+            else:
+                assert g_x == w_x
+    inside, _ = kv_quant(m, q_, k_, v_)
+    given_out, _ = kv_quant(m, q_, k_, v_, cache=got)
+    assert np.array_equal(inside, given_out, equal_nan=True)
+    kh, vh = m.dequantized(k, v)
+    if np.isfinite(kh).all() and np.isfinite(vh).all():    # float16 scales past 65504 are inf: no oracle step
+        assert check_quantized_step(given_out, m, q, k, v, dtype)[1].ok
+
+
+def test_quant_given_cache_planted_bugs_are_caught():
+    """A wrong zero point in the given cache exceeds the tolerance; a cache of another layout is refused."""
+    from kvsparse.kernels.numba.kv_quant import quantize_cache
+    from kvsparse.property_tests.strategies import make_decode_input
+    inp = make_decode_input(4, 2, 64, 8, seed=4)
+    m = KVQuant(key_bits=4, value_bits=4, scale_dtype="float32")
+    q, k, v, (q_, k_, v_) = given_case("float32", inp, 1.0)
+    keys, values = quantize_cache(m, k_, v_)
+    assert check_quantized_step(kv_quant(m, q_, k_, v_, cache=(keys, values))[0], m, q, k, v, "float32")[1].ok
+    for tensor in (0, 1):
+        parts = [list(keys), list(values)]
+        zero = parts[tensor][2].copy()
+        zero[0, 0] += parts[tensor][1][0, 0]           # token block 0's zero points one step off
+        parts[tensor][2] = zero
+        bad, _ = kv_quant(m, q_, k_, v_, cache=(tuple(parts[0]), tuple(parts[1])))
+        assert not check_quantized_step(bad, m, q, k, v, "float32")[1].ok
+    other = quantize_cache(dataclasses.replace(m, residual=8), k_, v_)
+    with pytest.raises(ValueError, match="layout"):
+        kv_quant(m, q_, k_, v_, cache=other)
+    with pytest.raises(TypeError, match="float32"):
+        kv_quant(m, q_, k_, v_, cache=(keys, (values[0], values[1].astype(np.float64)) + values[2:]))
+    with pytest.raises(ValueError, match="finite"):
+        kv_quant(m, q_, np.where(np.arange(64)[None, :, None] == 5, np.nan, k_).astype(np.float32), v_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(inp=decode_inputs(max_n=80, head_dims=QUANT_HEAD_DIMS), data=st.data(), parts=st.integers(1, 5))
+def test_quantized_attention_split_into_slices_matches_oracle(dtype, inp, data, parts):
+    """Each KV head's list cut into ``parts`` slices merged by log-sum-exp (what more threads than KV
+    heads get), over per-query-head token sets (0/1 weights of the group's union), within the tolerance."""
+    from kvsparse.kernels.numba.attention import union_with_weights
+    from kvsparse.kernels.numba.kv_quant import quantize_cache, quantized_attention
+    m, _ = data.draw(quant_layouts(dtype))
+    q, k, v, (q_, k_, v_) = given_case(dtype, inp, 1.0)
+    n = k.shape[1]
+    sets = [np.sort(np.asarray(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))))
+            for _ in range(q.shape[0])]
+    lists, lengths, w = union_with_weights(sets, k.shape[0], q_.dtype)
+    got, lse = quantized_attention(q_, *quantize_cache(m, k_, v_), lists, lengths, w, parts=parts)
+    kh, vh = m.dequantized(k, v)
+    mask = np.zeros((q.shape[0], n), bool)
+    for h, ix in enumerate(sets):
+        mask[h, ix] = True
+    ref = reference_on_rounded(q, kh, vh, dtype, mask=mask)
+    err = float(np.abs(got.astype(np.float64) - ref).max())
+    assert err <= attention_tolerance(q, kh, vh, dtype, mask=mask), (err, parts)
+    want_lse = core.attend_mask_partial(q, round_to(kh, dtype), round_to(vh, dtype), mask).lse
+    # lse: float64 logits of the same rounded values, then one rounding to the dtype
+    np.testing.assert_allclose(lse.astype(np.float64), want_lse, rtol=0,
+                               atol=64 * dtype_eps(dtype) * (1 + np.abs(want_lse).max()))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(inp=decode_inputs(max_n=100), data=st.data())
 def test_head_masked_kernel_matches_oracle(dtype, inp, data):
