@@ -135,10 +135,12 @@ def topk_mask(scores, k):
 
 @numba.njit(cache=True)
 def masks_to_lists(mask, h_kv, dtype_one):
-    """``mask [H_q, n]`` (who attends what) -> union lists ``[H_kv, B]``, lengths, 0/1 weights ``[H_q, B]``.
+    """``mask [H_q, n]`` (who attends what) -> union lists ``[H_kv, B]``, lengths, weights ``[H_q, B]``.
 
-    ``dtype_one`` is a 1-element array whose dtype the weights take. ``shared`` is True when every head
-    of each group has the same set (the weights can then be dropped).
+    A boolean mask gives 0/1 weights; a float ``mask`` is a dense weight array (0 = not attended) whose
+    values are carried over (an estimator's HT factors). ``dtype_one`` is a 1-element array whose dtype
+    the weights take. ``shared`` is True when every head of each group has the same set (for a boolean
+    mask the weights can then be dropped; a float mask's weights may still differ between heads).
     """
     h_q, n = mask.shape
     g = h_q // h_kv
@@ -167,7 +169,7 @@ def masks_to_lists(mask, h_kv, dtype_one):
             for gi in range(g):
                 if mask[j * g + gi, i]:
                     hit = True
-                    w[j * g + gi, b] = 1.0
+                    w[j * g + gi, b] = mask[j * g + gi, i]
             if hit:
                 lists[j, b] = i
                 b += 1

@@ -26,8 +26,8 @@ import numpy as np
 from ...oracle.vattention import (CHEBYSHEV_E2_GRID, VAttention, _size, normal_quantile, output_split,
                                   reference_base_count, reference_budgets)
 from ...registry import register_kernel
-from ._select import channel_logits, topk_set
-from .attention import _scale, attend_selection, check_float_arrays
+from ._select import channel_logits, masks_to_lists, topk_set
+from .attention import FASTMATH, _scale, check_float_arrays, sparse_attention
 
 RULE_CLT, RULE_CHEBYSHEV, RULE_REFERENCE = 0, 1, 2
 
@@ -58,29 +58,55 @@ def _smallest_b(n_s, s2, allowed, replacement):
     return int(b)
 
 
-@numba.njit(cache=True)
-def _moments(x, v, dom, excluded, o, ddof):
-    """Over the domain rows ``j`` with ``t_j = x_j`` (0 where ``excluded[j]``): ``(var(t_j),
-    sum_c var_c(t_j (v_jc - o_c)))`` with divisor ``n_s - ddof``."""
-    n_s = dom.shape[0]
-    d = v.shape[1]
-    t = np.empty(n_s)
-    for i in range(n_s):
-        t[i] = 0.0 if excluded[dom[i]] else x[dom[i]]
-    mx = t.sum() / n_s
-    vx = 0.0
-    for i in range(n_s):
-        vx += (t[i] - mx) ** 2
-    mean = np.zeros(d)
-    for i in range(n_s):
-        for c in range(d):
-            mean[c] += t[i] * (v[dom[i], c] - o[c])
-    mean /= n_s
-    vy = 0.0
-    for i in range(n_s):
-        for c in range(d):
-            vy += (t[i] * (v[dom[i], c] - o[c]) - mean[c]) ** 2
-    return vx / (n_s - ddof), vy / (n_s - ddof)
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _group_moments(x, vk, domain, excluded, h0, g, n_s, total, centred, ddof):
+    """The residual statistics of the G query heads ``h0..h0+g-1`` of one KV head, each V row read once
+    per pass for the whole group (three passes: the numerator over all rows, then the two-pass moments
+    over each head's domain). Per head, with ``t_j = x_j`` on its domain (0 where ``excluded``) and
+    ``o`` = the exact output if ``centred`` else 0: ``(numerator [g, d], var(t) [g],
+    sum_c var_c(t_j (v_jc - o_c)) [g])``, variances with divisor ``n_s - ddof``."""
+    n, d = vk.shape
+    numer = np.zeros((g, d))
+    for j in range(n):
+        for gi in range(g):
+            xj = x[h0 + gi, j]
+            for c in range(d):
+                numer[gi, c] += xj * vk[j, c]
+    o = np.zeros((g, d))
+    if centred:
+        for gi in range(g):
+            o[gi] = numer[gi] / total[h0 + gi]
+    t_sum = np.zeros(g)
+    mean = np.zeros((g, d))
+    for j in range(n):
+        for gi in range(g):
+            h = h0 + gi
+            if domain[h, j]:
+                t = 0.0 if excluded[h, j] else x[h, j]
+                t_sum[gi] += t
+                for c in range(d):
+                    mean[gi, c] += t * (vk[j, c] - o[gi, c])
+    var_x = np.zeros(g)
+    var_y = np.zeros(g)
+    for gi in range(g):
+        m = max(n_s[h0 + gi], 1)
+        t_sum[gi] /= m
+        mean[gi] /= m
+    for j in range(n):
+        for gi in range(g):
+            h = h0 + gi
+            if domain[h, j]:
+                t = 0.0 if excluded[h, j] else x[h, j]
+                var_x[gi] += (t - t_sum[gi]) ** 2
+                acc = 0.0
+                for c in range(d):
+                    acc += (t * (vk[j, c] - o[gi, c]) - mean[gi, c]) ** 2
+                var_y[gi] += acc
+    for gi in range(g):
+        m = max(n_s[h0 + gi] - ddof, 1)
+        var_x[gi] /= m
+        var_y[gi] /= m
+    return numer, var_x, var_y
 
 
 @numba.njit(cache=True, parallel=True)
@@ -102,8 +128,9 @@ def plan_heads(s, rank, v, n_sink, n_local, heavy, window_domain, rule, z, e_num
     domain = np.zeros((h_q, n), np.bool_)
     x = np.empty((h_q, n), np.float64)
     budget = np.zeros(h_q, np.int64)
+    total = np.zeros(h_q)
+    n_s_all = np.zeros(h_q, np.int64)
     for h in numba.prange(h_q):
-        vh = v[h // g]
         for j in range(n):
             fixed[h, j] = j < n_sink or j >= n - n_local
         n_rest = 0
@@ -123,43 +150,47 @@ def plan_heads(s, rank, v, n_sink, n_local, heavy, window_domain, rule, z, e_num
         mx = -np.inf
         for j in range(n):
             mx = max(mx, s[h, j])
-        total = 0.0
+        tot = 0.0
         for j in range(n):
             x[h, j] = math.exp(s[h, j] - mx)
-            total += x[h, j]
-        dom = np.flatnonzero(domain[h])
-        n_s = dom.shape[0]
-        if rule == RULE_REFERENCE or n_s == 0:
-            continue
-        numer = np.zeros(d)
+            tot += x[h, j]
+        total[h] = tot
+        cnt = 0
         for j in range(n):
-            for c in range(d):
-                numer[c] += x[h, j] * vh[j, c]
-        excluded = fixed[h] if window_domain else np.zeros(n, np.bool_)
-        if rule == RULE_CLT:
-            zero = np.zeros(d)
-            var_x, var_y = _moments(x[h], vh, dom, excluded, zero, 0)
-            b = (z * n_s * math.sqrt(var_x) / (e_den * total)) ** 2
-            if both:
-                norm = math.sqrt((numer ** 2).sum())
-                if norm > 0:
-                    b = max(b, (z * n_s * math.sqrt(var_y) / (e_num * norm)) ** 2)
-                elif var_y > 0:
-                    b = math.inf
-            budget[h] = _ceil_budget(b, n_s)
-        elif n_s <= 1:
-            budget[h] = n_s
-        else:
-            o = numer / total
-            s2_x, s2_y = _moments(x[h], vh, dom, excluded, o, 1)
-            o_norm = math.sqrt((o ** 2).sum())
-            best = n_s
-            for e2 in grid:
-                allowed_w = half_delta * (epsilon * (1 - e2) * o_norm * total) ** 2
-                allowed_d = (e2 * total) ** 2 * half_delta / (1 - half_delta)
-                best = min(best, max(_smallest_b(n_s, s2_y, allowed_w, replacement),
-                                     _smallest_b(n_s, s2_x, allowed_d, replacement)))
-            budget[h] = best
+            cnt += domain[h, j]
+        n_s_all[h] = cnt
+    if rule == RULE_REFERENCE:
+        return fixed, domain, x, budget
+    excluded = fixed if window_domain else np.zeros((h_q, n), np.bool_)
+    for kvh in numba.prange(h_kv):
+        h0 = kvh * g
+        numer, var_x, var_y = _group_moments(x, v[kvh], domain, excluded, h0, g, n_s_all, total,
+                                             rule != RULE_CLT, 0 if rule == RULE_CLT else 1)
+        for gi in range(g):
+            h = h0 + gi
+            n_s = n_s_all[h]
+            if n_s == 0:
+                continue
+            if rule == RULE_CLT:
+                b = (z * n_s * math.sqrt(var_x[gi]) / (e_den * total[h])) ** 2
+                if both:
+                    norm = math.sqrt((numer[gi] ** 2).sum())
+                    if norm > 0:
+                        b = max(b, (z * n_s * math.sqrt(var_y[gi]) / (e_num * norm)) ** 2)
+                    elif var_y[gi] > 0:
+                        b = math.inf
+                budget[h] = _ceil_budget(b, n_s)
+            elif n_s <= 1:
+                budget[h] = n_s
+            else:
+                o_norm = math.sqrt(((numer[gi] / total[h]) ** 2).sum())
+                best = n_s
+                for e2 in grid:
+                    allowed_w = half_delta * (epsilon * (1 - e2) * o_norm * total[h]) ** 2
+                    allowed_d = (e2 * total[h]) ** 2 * half_delta / (1 - half_delta)
+                    best = min(best, max(_smallest_b(n_s, var_y[gi], allowed_w, replacement),
+                                         _smallest_b(n_s, var_x[gi], allowed_d, replacement)))
+                budget[h] = best
     return fixed, domain, x, budget
 
 
@@ -257,5 +288,9 @@ def vattention(method: VAttention, q, k, v, *, positions=None, scale=None, rng=N
                                  method.sampling == "with_replacement_dedup")
         indices.append(ix)
         weights.append(w)
-    out, _ = attend_selection(q, k, v, indices, [w.astype(q.dtype) for w in weights], scale=scale)
+    dense_w = np.zeros((h_q, n), q.dtype)
+    for h, (ix, w) in enumerate(zip(indices, weights)):
+        dense_w[h, ix] = w
+    lists, lengths, w_lists, _ = masks_to_lists(dense_w, k.shape[0], np.ones(1, q.dtype))
+    out, _ = sparse_attention(q, k, v, lists, lengths, w_lists, scale=scale, check=False)
     return out, indices, weights
