@@ -62,13 +62,8 @@ def _check_range(trace, min_n, max_n):
     return hi
 
 
-def trace_decode_inputs(trace: fmt.AttentionTrace | str | Path | None = None, *, layers=None,
-                        min_n: int = 1, max_n: int | None = 512) -> st.SearchStrategy[DecodeInput]:
-    """Decode steps of a trace with a cache of ``n = t + 1`` tokens, ``min_n <= n <= max_n``.
-
-    ``max_n`` bounds the cost of a property test (``None``: up to the whole trace); hypothesis
-    shrinks towards short caches and the first listed layer.
-    """
+def _trace_and_layers(trace, layers) -> tuple[fmt.AttentionTrace, list[int]]:
+    """The trace (default: the shipped one; a path is loaded) and the layers to draw from, checked."""
     if trace is None:
         trace = shipped_trace()
     elif not isinstance(trace, fmt.AttentionTrace):
@@ -77,6 +72,17 @@ def trace_decode_inputs(trace: fmt.AttentionTrace | str | Path | None = None, *,
     for i in layers:
         if i not in trace.layers:
             raise ValueError(f"layer {i} is not in the trace (layers {list(trace.layers)})")
+    return trace, layers
+
+
+def trace_decode_inputs(trace: fmt.AttentionTrace | str | Path | None = None, *, layers=None,
+                        min_n: int = 1, max_n: int | None = 512) -> st.SearchStrategy[DecodeInput]:
+    """Decode steps of a trace with a cache of ``n = t + 1`` tokens, ``min_n <= n <= max_n``.
+
+    ``max_n`` bounds the cost of a property test (``None``: up to the whole trace); hypothesis
+    shrinks towards short caches and the first listed layer.
+    """
+    trace, layers = _trace_and_layers(trace, layers)
     hi = _check_range(trace, min_n, max_n)
 
     @st.composite
@@ -180,14 +186,7 @@ def trace_decode_sequences(trace: fmt.AttentionTrace | str | Path | None = None,
     The cost of a stateful check grows with ``T`` (one oracle and one kernel step per decoded token),
     hence the small default; hypothesis shrinks towards short prompts, one step, the first layer.
     """
-    if trace is None:
-        trace = shipped_trace()
-    elif not isinstance(trace, fmt.AttentionTrace):
-        trace = _load(str(trace))
-    layers = list(trace.layers if layers is None else layers)
-    for i in layers:
-        if i not in trace.layers:
-            raise ValueError(f"layer {i} is not in the trace (layers {list(trace.layers)})")
+    trace, layers = _trace_and_layers(trace, layers)
     hi = _sequence_bounds(min_prefill, max_length, trace.n_tokens)
 
     @st.composite
