@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from ...registry import register_kernel
-from .attention import FASTMATH, FLOAT_DTYPES, _merge_kernel
+from .attention import FASTMATH, FLOAT_DTYPES, _merge_kernel, _write_group
 
 BLOCK = 16
 """Rows per block, a multiple of the 4-row tile: ``xb`` (74 KB at width 576) stays in L2 from the
@@ -147,15 +147,7 @@ def _chunk(qd, lat, rope, roff, scale, lo, hi, out, lse):
                 e = s[h, t]
                 for c in range(r):
                     acc[h, c] += e * xb[t, c]
-    for h in range(h_n):
-        if tot[h] > 0:
-            for c in range(r):
-                out[h, c] = acc[h, c] / tot[h]
-            lse[h] = mx[h] + math.log(tot[h])
-        else:
-            for c in range(r):
-                out[h, c] = 0.0
-            lse[h] = -np.inf
+    _write_group(acc, tot, mx, 0, out, lse)      # one "KV head" holding all H query heads
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
