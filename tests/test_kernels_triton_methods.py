@@ -181,3 +181,66 @@ def test_attention_kernel_one_split_on_a_sink_and_local_example():
     out, _ = decode_attention_indices(*(torch.tensor(x, dtype=torch.float32) for x in (qq, kk, vv)), idx, num_splits=1)
     check = tolerances.check_attention_output(out.numpy(), qq, kk, vv, "float32")
     assert check.ok, check
+
+
+# --- Quest: metadata kept across steps, group-shared scoring, the union of a group's pages -------------
+
+@FEW
+@given(st.integers(0, 2**32 - 1), st.integers(1, 70), st.sampled_from([4, 16]), st.sampled_from(["float16", "float32"]))
+def test_quest_metadata_updated_token_by_token_equals_the_oracles_metadata(seed, n, page, dtype):
+    """min/max select values, so the metadata is exact in the key dtype: equality, no tolerance."""
+    from kvsparse.kernels.triton import quest as tq
+    from kvsparse.oracle.quest import page_metadata
+    rng = np.random.default_rng(seed)
+    k = torch.tensor(rng.standard_normal((2, n, 16)), dtype=getattr(torch, dtype))
+    kmin, kmax = tq.page_metadata(k[:, :1], page, capacity_pages=-(-n // page))
+    for t in range(2, n + 1):                       # one decode step per token: only its page is rewritten
+        tq.update_page_metadata(kmin, kmax, k[:, :t], t - 1, t, page)
+    lo, hi = page_metadata(k.double().numpy(), page)
+    assert np.array_equal(kmin.double().numpy(), lo) and np.array_equal(kmax.double().numpy(), hi)
+    full_lo, full_hi = tq.page_metadata(k, page)
+    assert torch.equal(full_lo, kmin) and torch.equal(full_hi, kmax)
+
+
+@FEW
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 4]), st.sampled_from([16, 32]), st.integers(1, 130))
+def test_quest_group_scores_are_the_oracles_upper_bounds(seed, g, d, n_pages):
+    """fp32 scores from fp32 operands: each is a sum of d exact products, so it is within
+    d * 2^-24 * sum_i |q_i| max(|lo_i|, |hi_i|) of the float64 oracle (the worst-case sum error)."""
+    from kvsparse.kernels.triton import quest as tq
+    from kvsparse.oracle.quest import page_scores
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((2 * g, d)).astype(np.float32)
+    lo = rng.standard_normal((2, n_pages, d)).astype(np.float32)
+    hi = lo + np.abs(rng.standard_normal((2, n_pages, d))).astype(np.float32)
+    got = tq.page_scores(torch.tensor(q), torch.tensor(lo), torch.tensor(hi)).numpy()
+    want = page_scores(q, lo, hi)
+    qg = np.abs(q.astype(np.float64)).reshape(2, g, d)
+    bound = d * 2.0 ** -24 * np.einsum("hgd,hpd->hgp", qg, np.maximum(np.abs(lo), np.abs(hi))).reshape(2 * g, -1)
+    assert np.all(np.abs(got - want) <= bound)
+
+
+def test_quest_group_union_sets_a_bit_per_head_that_chose_the_page():
+    from kvsparse.kernels.triton import quest as tq
+    pages = torch.tensor([[0, 3], [3, 5], [1, 2], [2, 6]])      # H_q = 4, H_kv = 2 (G = 2), 7 pages
+    union, counts, heads = tq.union_of_group(pages, 2, 7)
+    assert union.shape == (2, 4) and counts.tolist() == [3, 3]
+    assert union[0, :3].tolist() == [0, 3, 5] and heads[0, :3].tolist() == [0b01, 0b11, 0b10]
+    assert union[1, :3].tolist() == [1, 2, 6] and heads[1, :3].tolist() == [0b01, 0b11, 0b10]
+
+
+@pytest.mark.parametrize("h_q,h_kv,n,page,budget", [(4, 2, 100, 16, 32), (4, 1, 64, 8, 24), (2, 2, 50, 16, 16)])
+def test_quest_step_shared_and_per_head_lists_attend_the_same_pages(h_q, h_kv, n, page, budget):
+    """The group union with head bits is the per-head computation with fewer reads: both match the
+    oracle's attention over each head's own pages."""
+    from kvsparse.kernels.triton import quest as tq
+    rng = np.random.default_rng(n)
+    q, k, v = (torch.tensor(rng.standard_normal(s), dtype=torch.float32)
+               for s in ((h_q, 16), (h_kv, n, 16), (h_kv, n, 16)))
+    shared, _, pages = tq.quest_step(q, k, v, page_size=page, token_budget=budget, check_inputs=True)
+    own, _, pages_own = tq.quest_step(q, k, v, page_size=page, token_budget=budget, share_group=False,
+                                      check_inputs=True)
+    assert torch.equal(pages, pages_own)
+    sets = [np.concatenate([np.arange(p * page, min(n, (p + 1) * page)) for p in row]) for row in pages.numpy()]
+    want = core.attend_indices(q.double().numpy(), k.double().numpy(), v.double().numpy(), sets)
+    assert np.allclose(shared.numpy(), want, atol=1e-5) and np.allclose(own.numpy(), want, atol=1e-5)

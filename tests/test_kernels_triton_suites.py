@@ -26,9 +26,12 @@ from kvsparse.property_tests.strategies import FAMILIES, decode_inputs  # noqa: 
 pytestmark = pytest.mark.triton
 registry.load_all()
 
-SMALL = decode_inputs(max_n=64, max_h_kv=2, max_group=2, head_dims=(4, 8, 16))
-FEW = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight"]
+# On a GPU the same tests run natively, on larger shapes and more examples (issue 9).
+ON_GPU = __import__("torch").cuda.is_available()
+SMALL = (decode_inputs(max_n=2048, max_h_kv=8, max_group=4, head_dims=(16, 64, 128)) if ON_GPU
+         else decode_inputs(max_n=64, max_h_kv=2, max_group=2, head_dims=(4, 8, 16)))
+FEW = settings(max_examples=60 if ON_GPU else 10, deadline=None, suppress_health_check=list(HealthCheck))
+STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattention"]
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
 
 
@@ -81,6 +84,30 @@ def test_the_suite_catches_a_planted_selection_bug():
     assert suites.check_step(method, kernel, x, scores=scores).ok
     verdict = suites.check_step(method, planted, x, scores=scores)
     assert not verdict.ok and verdict.failures[0].name == "selection", str(verdict)
+
+
+def test_the_suite_catches_vattention_weights_left_out_of_the_attention():
+    """vAttention kernel whose GPU attention ignores the HT weights (reports them, attends unweighted):
+    the output property fails; the real kernel passes on the same input."""
+    from kvsparse.kernels.triton import vattention as tva
+    from kvsparse.oracle.vattention import VAttention
+    from kvsparse.property_tests.strategies import make_decode_input
+    kernel = triton_kernel("vattention")
+    real = tva.decode_attention_indices
+
+    def unweighted(q, k, v, idx, lengths=None, weights=None, **kw):
+        return real(q, k, v, idx, lengths, None, **kw)
+
+    x = make_decode_input(2, 1, 400, 8, "sink_and_local", 2)   # head 0 samples 1 of 380 (weight 380)
+    method = VAttention(sinks=4, local=8, heavy=8, epsilon=0.5, delta=0.2, seed=5)
+    good = suites.check_step(method, kernel, x)
+    assert good.ok, str(good)
+    tva.decode_attention_indices = unweighted
+    try:
+        verdict = suites.check_step(method, kernel, x)
+    finally:
+        tva.decode_attention_indices = real
+    assert not verdict.ok and verdict.failures[0].name == "output", str(verdict)
 
 
 # --- stateful kernels -------------------------------------------------------------------------

@@ -230,6 +230,20 @@ def _draw(method: VAttention, rng, domain: np.ndarray, b: int) -> np.ndarray:
 def vattention(method: VAttention, q, k, v, *, positions=None, scale=None, rng=None, samples=None,
                base_samples=None):
     """Kernel-step contract for an estimator: ``(out [H_q, d], indices per query head, HT weights)``."""
+    q, k, v = check_float_arrays(q, k, v)
+    indices, weights = select(method, q, k, v, scale=scale, rng=rng, samples=samples, base_samples=base_samples)
+    dense_w = np.zeros((q.shape[0], k.shape[1]), q.dtype)
+    for h, (ix, w) in enumerate(zip(indices, weights)):
+        dense_w[h, ix] = w
+    lists, lengths, w_lists, _ = masks_to_lists(dense_w, k.shape[0], np.ones(1, q.dtype))
+    out, _ = sparse_attention(q, k, v, lists, lengths, w_lists, scale=scale, check=False)
+    return out, indices, weights
+
+
+def select(method: VAttention, q, k, v, *, scale=None, rng=None, samples=None, base_samples=None):
+    """The plan and the draws: ``(indices per query head, HT weights)``, equal to the oracle's for the same
+    generator. ``q, k, v`` float32 or float64 NumPy (the Triton kernel calls this too: the plan decides
+    an integer budget and must be the oracle's, so it never runs in a low precision)."""
     if not isinstance(method, VAttention):
         raise TypeError(f"method must be a VAttention, got {type(method).__name__}")
     q, k, v = check_float_arrays(q, k, v)
@@ -288,9 +302,4 @@ def vattention(method: VAttention, q, k, v, *, positions=None, scale=None, rng=N
                                  method.sampling == "with_replacement_dedup")
         indices.append(ix)
         weights.append(w)
-    dense_w = np.zeros((h_q, n), q.dtype)
-    for h, (ix, w) in enumerate(zip(indices, weights)):
-        dense_w[h, ix] = w
-    lists, lengths, w_lists, _ = masks_to_lists(dense_w, k.shape[0], np.ones(1, q.dtype))
-    out, _ = sparse_attention(q, k, v, lists, lengths, w_lists, scale=scale, check=False)
-    return out, indices, weights
+    return indices, weights

@@ -28,7 +28,7 @@ from ...oracle.double_sparsity import DoubleSparsity
 from ...registry import register_kernel
 from . import double_sparsity as ds
 from .attention import _next_pow2, attend_mask, dense_decode, indices_to_mask, mask_to_indices, to_numpy, to_torch, topk_core
-from .quest import page_metadata, page_scores
+from .quest import method_pages
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,15 +162,7 @@ def candidates(method, q, k):
     if base.is_dense(n):
         return full
     p = base.page_size
-    n_pages = -(-n // p)
-    kmin, kmax = page_metadata(k, p)
-    s = page_scores(q, kmin, kmax)
-    if base.last_page == "always":
-        pages = torch.cat([topk_core(s[:, : n_pages - 1], base.page_budget(n) - 1),
-                           torch.full((h_q, 1), n_pages - 1, device=q.device, dtype=torch.int64)], dim=1)
-    else:
-        pages = topk_core(s, min(base.page_budget(n), n_pages))
-    page_mask = indices_to_mask(pages, n_pages)
+    page_mask = indices_to_mask(method_pages(base, q, k), -(-n // p))
     return page_mask.repeat_interleave(p, dim=1)[:, :n]
 
 
