@@ -89,6 +89,7 @@ def _kernels():
             entry = tl.load(ent_ptr + row * stride_er + e_offs, mask=b_mask, other=0)
             tok = entry * ENTRY + b_offs % ENTRY          # logical token position
             b_mask = b_mask & (tok < seq_len)
+            tok = tok.to(tl.int64)                        # offsets past 2^31 elements in a long cache
             if PAGED:
                 phys = tl.load(table_ptr + tok // PAGE, mask=b_mask, other=0)
                 k_off = phys * stride_kp + (tok % PAGE) * stride_kn + kvh * stride_kh

@@ -37,14 +37,14 @@ def _kernels():
                         P: tl.constexpr, PP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
         h = tl.program_id(0)
         page = first_page + tl.program_id(1)
-        t = page * P + tl.arange(0, PP)
+        t = page.to(tl.int64) * P + tl.arange(0, PP)
         t_mask = (tl.arange(0, PP) < P) & (t < N)
         d_offs = tl.arange(0, DP)
         m = t_mask[:, None] & (d_offs[None, :] < D)
         k = tl.load(k_ptr + h * stride_kh + t[:, None] * stride_kn + d_offs[None, :], mask=m, other=0.0)
         kmin = tl.min(tl.where(m, k, float("inf")), axis=0)
         kmax = tl.max(tl.where(m, k, float("-inf")), axis=0)
-        out = h * stride_mh + page * stride_mp + d_offs
+        out = h * stride_mh + page.to(tl.int64) * stride_mp + d_offs
         tl.store(kmin_ptr + out, kmin, mask=d_offs < D)
         tl.store(kmax_ptr + out, kmax, mask=d_offs < D)
 
@@ -60,7 +60,7 @@ def _kernels():
         q_mask = (g_offs[:, None] < G) & (d_offs[None, :] < D)
         q = tl.load(q_ptr + (kvh * G + g_offs[:, None]) * D + d_offs[None, :], mask=q_mask, other=0.0)
         m = (p_offs[:, None] < NP) & (d_offs[None, :] < D)
-        rows = kvh * stride_mh + p_offs[:, None] * stride_mp + d_offs[None, :]
+        rows = kvh * stride_mh + p_offs[:, None].to(tl.int64) * stride_mp + d_offs[None, :]
         lo = tl.load(kmin_ptr + rows, mask=m, other=0.0)
         hi = tl.load(kmax_ptr + rows, mask=m, other=0.0)
         if F32_DOT:
