@@ -274,6 +274,19 @@ def naive_snapkv_keep(seq, window, n_total, kernel, pool):
        kernel=st.sampled_from([1, 3, 5]), pool=st.sampled_from(["max", "avg"]))
 def test_snapkv_selection_matches_the_definition(seq, kernel, pool):
     """Every step: the prompt tokens chosen at prefill + every decoded token so far."""
+    check_snapkv_against_the_definition(seq, kernel, pool)
+
+
+@pytest.mark.parametrize("prefill", edge_lengths(9, 3))
+def test_snapkv_selection_at_every_edge_prompt_length(prefill):
+    """The boundaries of C = 9, w = 3 (C-1, C, C+1, w, w+1, ...) every run, not only when the drawn
+    prompt lengths happen to hit them (the strategy draws an edge half of the time)."""
+    for kernel, pool in ((1, "max"), (3, "avg"), (5, "max")):
+        seq = make_decode_sequence(prefill + 3, 4, 2, 4, prefill_len=prefill, family="gaussian", seed=prefill)
+        check_snapkv_against_the_definition(seq, kernel, pool)
+
+
+def check_snapkv_against_the_definition(seq, kernel, pool):
     window, capacity = 3, 9
     p = seq.prefill_len
     expected = naive_snapkv_keep(seq, window, capacity, kernel, pool)[0] if p >= capacity else None

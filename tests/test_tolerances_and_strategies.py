@@ -93,3 +93,15 @@ def test_strategy_inputs_are_valid_decode_steps(x):
     assert sh.n >= 1 and sh.h_q % sh.h_kv == 0
     again = make_decode_input(sh.h_q, sh.h_kv, sh.n, sh.d, x.family, x.seed)
     assert np.array_equal(again.k, x.k)          # reproducible from its repr
+
+
+def test_hypothesis_prints_inputs_by_their_short_repr():
+    """A falsifying example is printed by Hypothesis's pretty printer, which spells a dataclass out
+    field by field (whole arrays); inputs print as their one-line repr instead."""
+    from hypothesis.vendor.pretty import pretty
+    from kvsparse.property_tests.sequences import make_decode_sequence
+    from kvsparse.property_tests.strategies import make_decode_input
+    x = make_decode_input(4, 2, 500, 64, "gaussian", seed=3)
+    seq = make_decode_sequence(40, 4, 2, 16, prefill_len=20, family="gaussian", seed=3)
+    assert pretty(x) == repr(x) and len(pretty(x)) < 120
+    assert pretty(seq) == repr(seq) and len(pretty(seq)) < 120

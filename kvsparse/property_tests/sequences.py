@@ -41,6 +41,9 @@ class DecodeSequence:
         return (f"DecodeSequence(T={t}, h_q={h_q}, h_kv={self.k_seq.shape[1]}, d={d}, "
                 f"prefill_len={self.prefill_len}, family={self.family!r}, seed={self.seed})")
 
+    def _repr_pretty_(self, printer, cycle):
+        printer.text(repr(self))   # not the arrays field by field (see DecodeInput._repr_pretty_)
+
 
 def make_decode_sequence(length: int, h_q: int, h_kv: int, d: int, *, prefill_len: int,
                          family: str = "gaussian", seed: int = 0, query_drift: float = 0.5) -> DecodeSequence:

@@ -45,6 +45,11 @@ class DecodeInput:
         return (f"DecodeInput(h_q={s.h_q}, h_kv={s.h_kv}, n={s.n}, d={s.d}, family={self.family!r}, "
                 f"seed={self.seed})")
 
+    def _repr_pretty_(self, printer, cycle):
+        # Hypothesis prints a falsifying dataclass field by field (arrays in full, tens of kB for a
+        # trace input); the short repr names everything needed to rebuild it.
+        printer.text(repr(self))
+
 
 def make_decode_input(h_q: int, h_kv: int, n: int, d: int, family: str = "gaussian", seed: int = 0,
                       *, logit_scale: float | None = None) -> DecodeInput:
