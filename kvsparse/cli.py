@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 from typing import Sequence
@@ -28,9 +29,14 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
 
 
 def _fmt(v) -> str:
+    """A table cell: floats to 4 significant digits below 10,000 (``0.0123``, ``1629``), whole numbers
+    with thousands separators from there up (``20,990``, never ``2.099e+04``; from 9,999.5, which
+    rounds to 10,000), scientific notation only below 0.001 (and inf/nan as Python spells them)."""
     if isinstance(v, float):
-        if v == 0 or 1e-3 <= abs(v) < 1e6:
+        if v == 0 or 1e-3 <= abs(v) < 9999.5:          # 9999.5 would round to 1e+04 at 4 digits
             return f"{v:.4g}"
+        if abs(v) >= 9999.5 and math.isfinite(v):
+            return f"{v:,.0f}"
         return f"{v:.3e}"
     return str(v)
 

@@ -6,8 +6,8 @@ from kvsparse import cli
 from kvsparse.oracle import core
 from kvsparse.oracle.quest import Quest
 from kvsparse.sim import latency
-from kvsparse.sim.evaluate import (DEFAULT_TRACE, evaluate, gpu_list, method_with_budget, model_group_union,
-                                   quality_rows)
+from kvsparse.sim.evaluate import (DEFAULT_TRACE, evaluate, gpu_list, group_incidence, group_union_estimate,
+                                   method_with_budget, quality_rows)
 from kvsparse.traces.format import load_trace
 
 
@@ -87,11 +87,33 @@ def test_oracle_bytes_and_measured_union_against_a_hand_computation(short_layer)
     assert 1 < row["trace_group_union"] < q.shape[1] // k.shape[1]
 
 
-def test_model_group_union_maps_identical_and_disjoint_sets():
-    assert model_group_union(1.0, 3, 4) == 1.0 and model_group_union(3.0, 3, 4) == 4.0
-    assert model_group_union(2.0, 3, 4) == pytest.approx(2.5) and model_group_union(2.0, 3, 3) == 2.0
-    assert model_group_union(float("nan"), 3, 4) is None and model_group_union(1.0, 1, 4) is None
-    assert model_group_union(2.0, 3, 1) == 1.0
+def test_group_union_estimate_by_hand():
+    """One KV group of G_t = 3 heads, A = {0,1,2,3}, B = {2,3,4,5}, C = {3,6,7,8} in a 20-token cache:
+    token 3 in all three, token 2 in two, seven tokens in one (Q1 = 7, Q2 = 1, Q3 = 1), mean size 4."""
+    import itertools
+    sets = [{0, 1, 2, 3}, {2, 3, 4, 5}, {3, 6, 7, 8}]
+    inc = group_incidence([np.array(sorted(s)) for s in sets], 20)
+    assert list(inc) == [7, 1, 1]
+    mean = np.mean([len(s) for s in sets])
+    # G = G_t: the measured union; G < G_t: the mean union over every G-head subset (enumerated here)
+    assert group_union_estimate([inc], [20], 3) == (pytest.approx(9 / mean), "trace")
+    pairs = np.mean([len(a | b) for a, b in itertools.combinations(sets, 2)])          # (6 + 7 + 7) / 3
+    assert group_union_estimate([inc], [20], 2) == (pytest.approx(pairs / mean), "subsets")
+    assert group_union_estimate([inc], [20], 1) == (pytest.approx(1.0), "subsets")
+    # G > G_t: Chao et al. 2014 incidence extrapolation, Q0 = (2/3) * 7^2 / (2 * 1) = 49/3 tokens unseen,
+    # one more head adds Q0 * (1 - (1 - 7 / (3 * 49/3 + 7))) = (49/3) / 8 of them
+    u4, source = group_union_estimate([inc], [20], 4)
+    assert source == "extrapolated" and u4 == pytest.approx((9 + 49 / 3 / 8) / mean)
+    # identical sets stay identical at any G; disjoint ones stay (nearly) disjoint; the cache caps the union
+    same = group_incidence([np.arange(50)] * 3, 1000)
+    assert group_union_estimate([same], [1000], 4)[0] == 1.0 and group_union_estimate([same], [1000], 8)[0] == 1.0
+    apart = group_incidence([np.arange(50), np.arange(50, 100), np.arange(100, 150)], 1000)
+    # Q1 = 150, Q2 = 0: Q0 = (2/3) * 150 * 149 / 2 = 7450; one more head adds 7450 * 150 / (3 * 7450 + 150)
+    assert group_union_estimate([apart], [1000], 4)[0] == pytest.approx((150 + 7450 * 150 / 22500) / 50)
+    assert group_union_estimate([apart], [160], 4)[0] == pytest.approx(160 / 50)
+    # groups add up (sum of unions over sum of mean sizes); nothing to say for an MHA trace or empty selections
+    assert group_union_estimate([inc, same], [20, 1000], 3)[0] == pytest.approx((9 + 50) / (mean + 50))
+    assert group_union_estimate([[7]], [20], 4) is None and group_union_estimate([[0, 0, 0]], [20], 4) is None
 
 
 def test_measured_union_prices_the_oracles_bytes_per_layer():
@@ -118,12 +140,22 @@ def test_measured_union_prices_the_oracles_bytes_per_layer():
     assert overall["attention_us"] == pytest.approx(30 * overall["layer_attention_us"])
 
 
-def test_union_is_mapped_to_the_models_group_and_said_when_unused():
-    rows = [r for r in evaluate(DEFAULT_TRACE, ["snapkv", "streaming_llm"], [256], steps=1, model="llama-3-8b",
-                                context=32768) if r["layer"] == "all"]
-    snap, stream = rows
-    assert snap["group_union_source"] == "trace"
-    assert snap["group_union"] == pytest.approx(model_group_union(snap["trace_group_union"], 3, 4))
+def test_union_is_extrapolated_to_the_models_group_and_said_when_unused():
+    """Llama-3-8B has G = 4 query heads per KV head, the trace G_t = 3: the union priced is the trace's
+    selections extrapolated to 4 heads (per layer; the mean over layers in the all row), never below the
+    measured 3-head union nor above 4."""
+    rows = evaluate(DEFAULT_TRACE, ["snapkv", "streaming_llm"], [256], steps=1, model="llama-3-8b", context=32768)
+    trace = load_trace(DEFAULT_TRACE)
+    per_layer = [r for r in rows if r["method"] == "snapkv" and r["layer"] != "all"]
+    for r in per_layer:
+        assert r["group_union_source"] == "extrapolated"
+        assert r["trace_group_union"] <= r["group_union"] <= 4
+        seqs = tuple(core.as_float64(a, "trace") for a in trace.layer(r["layer"]).sequences())
+        measured = quality_rows(*seqs, method_with_budget("snapkv", 256), 1)
+        assert r["group_union"] == group_union_estimate(measured["incidence"], measured["cache_len"], 4)[0]
+    snap, stream = [r for r in rows if r["layer"] == "all"]
+    assert snap["group_union_source"] == "extrapolated"
+    assert snap["group_union"] == pytest.approx(np.mean([r["group_union"] for r in per_layer]))
     analytic = latency.step_kernels("llama-3-8b", "snapkv", [32768], snap["sim_budget"])
     assert snap["sim_attn_hbm_read_bytes"] < analytic.total(lambda k: k.read("hbm"), kernels=analytic.attention)
     assert stream["group_union_source"] == "unused" and np.isnan(stream["group_union"])

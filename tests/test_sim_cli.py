@@ -95,3 +95,21 @@ def test_sweep_figure_has_a_row_per_gpu(monkeypatch):
 def test_budget_command(capsys):
     assert main(["budget", "--method", "quest", "--context", "64k", "--target-us", "20000", "--cuda-graphs"]) == 0
     assert "largest budget" in capsys.readouterr().out
+
+
+def test_tables_print_large_numbers_without_e_notation(capsys):
+    """Values from 10,000 up print as whole numbers with thousands separators (not 2.099e+04). Llama-3.1-70B
+    (80 layers, hidden 8192, intermediate 28672), fp16: the MLP gate/up GEMV reads 80 * 2 * 8192 * 28672 * 2 B
+    of weights plus an 8192-element fp16 input per layer = 75,163.24 MB per step."""
+    import re
+    from kvsparse.cli import format_table
+    table = format_table([{"x": 20990.4}, {"x": 9999.5}, {"x": 1629.4}, {"x": 0.0005}])
+    cells = [c.strip() for c in table.splitlines()[2:]]
+    assert cells == ["20,990", "10,000", "1629", "5.000e-04"]
+    assert main(["sim", "--model", "llama-3.1-70b", "--method", "dense", "--context", "128k"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[1]
+    assert not re.search(r"\de\+\d", table)
+    mlp = (80 * 2 * 8192 * 28672 * 2 + 80 * 8192 * 2) / 1e6
+    row = next(line for line in table.splitlines() if line.startswith("mlp_gate_up"))
+    assert f"{mlp:,.0f}" == "75,163" and row.split()[2] == "75,163"

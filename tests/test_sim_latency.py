@@ -227,3 +227,108 @@ def test_sweep_marks_refused_budgets_nan():
     assert np.isnan(res.step_seconds[0, 0, 0]).all() and np.isfinite(res.step_seconds[0, 0, 1]).all()
     with pytest.raises(ValueError, match="capacity"):
         latency.simulate("llama-3-8b", "h100-sxm", "snapkv", 16, [4096])
+
+
+# --- quantized caches: the --kv path and kv_quant agree; kv_quant's dense layers and appends -----------
+
+INT4_G32 = dict(key_bits=4, value_bits=4, key_axis="token", value_axis="token", group_size=32, residual=0,
+                scale_bits=16)
+"""kv_quant's parameters equal to ``--kv int4`` (the preset ``int4-per-token-g32``; ``quest-int4`` with a base)."""
+
+
+def test_kv_int4_quest_prices_page_metadata_at_fp16(capsys):
+    """``kvsparse sim --kv int4 --method quest``: the min/max pages stay fp16 beside the int4 cache. Llama-3-8B
+    (32 layers, H_kv = 8, d = 128), budget 2048 at 32K, Quest's 16-token pages and 2 dense first layers."""
+    import json
+    from kvsparse.cli import main
+    n, budget, h_kv, d = 32768, 2048, 8, 128
+    assert main(["sim", "--model", "llama-3-8b", "--method", "quest", "--budget", str(budget), "--context", "32k",
+                 "--kv", "int4", "--param", "group_union=1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["kernel"]: r for r in data["kernels"]}
+    min_max = 30 * 2 * (n // 16) * h_kv * d * 16 // 8          # (min, max) per page, fp16, 30 Quest layers
+    assert rows["quest_estimate"]["HBM read MB"] * 1e6 == pytest.approx(min_max)
+    scales = h_kv * (d // 32) * 4                             # fp16 scale + zero per 32 channels, per token
+    attended = 2 * n * h_kv + 30 * budget * h_kv              # K (or V) rows: 2 dense layers, 30 sparse
+    assert data["summary"]["hbm_read_GB_by_tensor"]["metadata"] * 1e9 == pytest.approx(
+        min_max + 2 * attended * (d // 32) * 4)
+    assert data["summary"]["hbm_read_GB_by_tensor"]["keys"] * 1e9 == pytest.approx(attended * d * 4 // 8)
+    # the new token's K and V at 4 bits with their scales, every layer
+    assert rows["kv_append"]["HBM write MB"] * 1e6 == pytest.approx(32 * 2 * (h_kv * d * 4 // 8 + scales))
+
+
+COMPOSABLE = [n for n in ("dense", "quest", "double_sparsity", "sparq", "twilight", "retrieval_attention",
+                          "vattention", "bigbird", "longformer", "sliding_window", "deja_vu", "cla")
+              if n in registry.entries()]
+
+
+@pytest.mark.parametrize("name", COMPOSABLE)
+@pytest.mark.parametrize("kv, group", [("int4", 32), ("int8", 0)])
+def test_kv_format_equals_kv_quant_over_the_method(name, kv, group):
+    """A whole decode step at ``--kv int4|int8`` on a method equals ``kv_quant`` with per-token groups of that
+    format over the same method at fp16: every read by (memory, tensor), the writes and the staged bytes,
+    dense first layers and the K/V append included (one pricing convention for quantized caches)."""
+    params = {**INT4_G32, "key_bits": int(kv[3:]), "value_bits": int(kv[3:]), "group_size": group, "base": name}
+    for n in ([4096], [32768, 1000]):
+        a = latency.step_kernels("llama-3-8b", name, n, None, kv=kv)
+        b = latency.step_kernels("llama-3-8b", "kv_quant", n, None, kv="fp16", params=params)
+        for mem in ("hbm", "pcie", "host"):
+            for ten in ("keys", "values", "metadata", "auxiliary", "weights", "activations"):
+                got = [float(sk.total(lambda k: k.reads.get((mem, ten), 0))) for sk in (a, b)]
+                assert got[0] == got[1], (mem, ten, n)
+        for amount in (lambda k: k.writes, lambda k: k.staged):
+            assert float(a.total(amount)) == float(b.total(amount))
+
+
+def test_kv_quant_over_quest_keeps_quests_dense_layers_over_the_quantized_cache():
+    """kv_quant over Quest runs Quest's 2 dense first layers, as dense attention over the int4 cache:
+    packed rows (64 B per K or V row of d = 128) plus 4 scale groups of 4 B, for every token and KV head."""
+    n, h_kv, d = 32768, 8, 128
+    assert latency.method_dense_layers("kv_quant", {"base": "quest"}) == 2
+    assert latency.method_dense_layers("kv_quant", {"base": "quest", "dense_layers": 0}) == 0
+    assert latency.method_dense_layers("kv_quant", {"base": None}) == 0
+    t = latency.simulate("llama-3-8b", "h100-sxm", "kv_quant", 2048, [n], params={**INT4_G32, "base": "quest"})
+    rows = {r["kernel"]: r for r in latency.kernel_table(t)}
+    assert rows["dense_attention"]["layers"] == 2 and rows["sparse_attention"]["layers"] == 30
+    assert rows["quest_estimate"]["layers"] == 30
+    per_row = d * 4 // 8 + (d // 32) * 4
+    assert rows["dense_attention"]["HBM read MB"] * 1e6 == pytest.approx(2 * 2 * n * h_kv * per_row)
+
+
+def test_kv_quant_appends_at_the_quantized_width():
+    """The K/V append of kv_quant: int4 per-token groups write packed codes and scales (not fp16 rows);
+    KIVI-4 (keys per channel in 32-token blocks flushed 128 at a time, values per token, R = 128) writes the
+    new token at fp16 into the residual and quantizes what leaves it."""
+    h_kv, d, layers, fp16 = 8, 128, 32, 128 * 2
+
+    def append(n, **params):
+        sk = latency.step_kernels("llama-3-8b", "kv_quant", [n], None, params=params)
+        return (float(sk.total(lambda k: k.writes, kernels=["kv_append"])),
+                float(sk.total(lambda k: k.staged, kernels=["kv_append"])))
+    # int4, 32-channel groups, no residual: each step writes 64 B of codes + 4 x 4 B of scales per K and V row
+    assert append(5000, **INT4_G32) == (layers * h_kv * 2 * (d // 2 + 4 * 4), 0)
+    fp16_append = latency.step_kernels("llama-3-8b", "dense", [5000])
+    assert float(fp16_append.total(lambda k: k.writes, kernels=["kv_append"])) == layers * h_kv * 2 * fp16
+    kivi = dict(key_bits=4, value_bits=4, key_axis="channel", value_axis="token", group_size=32, residual=128,
+                residual_rule="kivi", scale_bits=16)
+    # n = 1000: keys quantized 128 * floor(999 / 128) = 896 before and after (no flush); values
+    # n - 129 = 871 after, 870 before: one value row leaves the residual (64 B + 4 scale pairs of 4 B) and is
+    # re-read at fp16; the new K and V rows go in at fp16
+    assert append(1000, **kivi) == (layers * h_kv * (2 * fp16 + 64 + 16), layers * h_kv * fp16)
+    # n = 1025: a key flush, 128 * floor(1024 / 128) = 1024 keys quantized after, 896 before: 128 packed key
+    # rows and 4 new 32-token blocks of 128 channel scale pairs, the 128 fp16 rows re-read
+    keys = 128 * 64 + 4 * 128 * 4
+    assert append(1025, **kivi) == (layers * h_kv * (2 * fp16 + keys + 64 + 16), layers * h_kv * 129 * fp16)
+
+
+def test_layer_classes_is_public_and_used_by_evaluate_and_replay():
+    import inspect
+    from kvsparse.sim import evaluate, replay
+    reps, counts = latency.layer_classes(latency.get_model("llama-3-8b"), 2, False)
+    assert list(reps) == [0, 2] and list(counts) == [2, 30]
+    reps, counts = latency.layer_classes(latency.get_model("llama-3-8b"), 2, True)
+    assert list(reps) == list(range(32)) and list(counts) == [1] * 32
+    assert latency.layer_classes.__doc__
+    assert not hasattr(latency, "_layer_classes")
+    for module in (evaluate, replay, latency):
+        assert "_layer_classes" not in inspect.getsource(module)

@@ -11,6 +11,18 @@ kernels of ``reads[(memory, tensor)]`` for the tensors keys/values/metadata/auxi
 oracle's ``Traffic`` on the same inputs. Bytes a real implementation moves on top of that (writes,
 re-reading rows it staged into HBM after a PCIe copy, intermediates) are in ``writes`` and ``staged``:
 they are timed but are not part of ``Traffic``.
+
+Width of a method's own stores (``Query.side_row``, ``KVFormat.side_bits``): page min/max (Quest),
+label caches (Double Sparsity), running means of V (SparQ) and cluster centroids (ClusterKV) are values
+*derived from* the keys and values, not cache rows (and RetrievalAttention's query/partial messages are
+activations). With a plain element format (fp16, bf16, fp8, or an unscaled width such as the oracle's
+``Layout.element_bits``) they are stored at the element width, as the oracles count them. With a
+scaled integer format (``int8``, ``int4``: codes plus a scale and zero per group) they stay at full
+width, 16 bits (fp16): a minimum over tokens with different scales, a mean or a centroid is not a code
+of any one group, and a faithful kernel keeps such stores in the model dtype. This is the convention of
+``kv_quant`` with a base (preset ``quest-int4``: Quest's min/max at fp16 beside an int4 cache), so
+``--kv int4 --method quest`` prices exactly what ``kv_quant`` over Quest with per-token 32-channel int4
+groups prices.
 """
 from __future__ import annotations
 
@@ -51,6 +63,20 @@ class KVFormat:
             return 0
         groups = 1 if self.group == 0 else -(-d // self.group)
         return groups * self.scale_bytes
+
+
+    @property
+    def side_bits(self) -> int:
+        """Bits per element of a method's own derived stores (module doc): the element width of a plain
+        format, 16 (fp16) beside a scaled integer format."""
+        return 16 if self.scale_bytes else self.element_bits
+
+    def side_row_bytes(self, d: int) -> int:
+        """Bytes of ``d`` elements of a derived store (a page minimum, a label, a centroid, a query)."""
+        bits = d * self.side_bits
+        if bits % 8:
+            raise ValueError(f"d={d} with {self.side_bits}-bit elements is not a whole number of bytes")
+        return bits // 8
 
 
 KV_FORMATS = {
@@ -142,6 +168,12 @@ class Query:
     @property
     def value_row(self) -> int:
         return 0 if self.shape.values_in_keys else self.kv.row_bytes(self.shape.d_v)
+
+    @property
+    def side_row(self) -> int:
+        """Bytes of one ``d``-element row of a method's own derived store (page min or max, centroid,
+        label of all d channels, query message): ``KVFormat.side_row_bytes`` (module doc)."""
+        return self.kv.side_row_bytes(self.shape.d)
 
     @property
     def scale_row(self) -> int:

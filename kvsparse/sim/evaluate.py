@@ -29,13 +29,28 @@ the simulator has no per-layer view of the weights and norms that a trace layer 
 
 GQA union: a shared-KV kernel reads, per KV head, the union of its G query heads' selections. The
 cost models estimate it as ``group_union`` x the per-head size (default G: disjoint sets, an upper
-bound). Here ``group_union`` is measured on the oracle's selections (``trace_group_union`` =
-sum over steps and KV heads of the union size / (h_kv x sum over steps of the mean per-head size)),
-per layer for per-layer rows and as the mean over layers for ``all`` rows; when the costed model's
-group size G differs from the trace's G_t it is mapped linearly, ``1 + (u - 1)(G - 1)/(G_t - 1)``
-(identical sets stay identical, disjoint stay disjoint: an assumption). ``group_union_source`` says
-what was priced: ``trace`` (measured), ``analytic`` (the cost model's default G: the trace has G_t = 1
-or selected nothing) or ``unused`` (the cost model's bytes do not depend on it at this budget, or G = 1).
+bound). Here it comes from the oracle's selections on the trace (``group_union_estimate``): per
+(step, KV head) the incidence counts ``Q_k`` = tokens selected by exactly k of the group's G_t query
+heads, and the union factor of a group of G heads is ``sum U(G) / sum U(1)`` over steps and KV heads
+(``U(1)`` = the mean per-head size, so ``trace_group_union`` = ``U(G_t) / U(1)`` is the measured one):
+
+* G = G_t: the measured union (``group_union_source`` ``trace``);
+* G < G_t: the mean union over all G-head subsets of each group, exact from the counts,
+  ``U(G) = sum_k Q_k (1 - C(G_t - k, G) / C(G_t, G))`` (``subsets``);
+* G > G_t: an estimate, ``extrapolated``: the sample-based (incidence) extrapolation of species
+  richness of Chao et al. (2014, Ecological Monographs 84:45-67; Colwell et al. 2012, J. Plant Ecol.
+  5:3-21), heads as sampling units and tokens as species,
+  ``U(G_t + m) = S_obs + Q0 (1 - (1 - Q1 / (G_t Q0 + Q1))^m)`` with the Chao2 estimate of the tokens no
+  head selected, ``Q0 = (G_t - 1)/G_t Q1^2 / (2 Q2)`` (``Q1 (Q1 - 1) / 2`` in place of ``Q1^2 / (2 Q2)``
+  when Q2 = 0), at most the cache. Assumption: the model's G query heads of a group are exchangeable
+  draws like the trace's G_t (identical sets stay identical, disjoint ones stay about disjoint); Chao
+  et al. advise extrapolating to at most twice the sample (G <= 2 G_t). Checked one size down on the
+  shipped trace (3-head unions from 2-head subsets, ``benchmarks/bench_group_union.py``): a few percent
+  low, where the linear map ``1 + (u - 1)(G - 1)/(G_t - 1)`` used before is a few percent high.
+
+Per layer for per-layer rows; the mean over layers for ``all`` rows. ``group_union_source`` is one of
+the three above, ``analytic`` (the cost model's default G: the trace has G_t = 1 or selected nothing)
+or ``unused`` (the cost model's bytes do not depend on it at this budget, or G = 1).
 """
 from __future__ import annotations
 
@@ -99,13 +114,15 @@ def calibrated(method, q_seq, k_seq, prefill_len: int):
 def quality_rows(q_seq, k_seq, v_seq, method, steps: int) -> dict:
     """Average quality metrics of ``method`` over the last ``steps`` positions of one layer, with the
     oracle's bytes read per step and the measured GQA union factor (``trace_group_union``, NaN for an
-    MHA trace or when nothing was selected)."""
+    MHA trace or when nothing was selected); ``incidence`` and ``cache_len`` (one row per step and KV
+    head) are what ``group_union_estimate`` needs for another group size."""
     T, h_kv = q_seq.shape[0], k_seq.shape[1]
     method = calibrated(method, q_seq, k_seq, T - steps)
     run = run_decode(method, q_seq, k_seq, v_seq, prefill_len=T - steps)
     errs, masses, overlaps, kept = [], [], [], []
     traffic = {"hbm": 0, "pcie": 0, "host": 0}
-    union = per_head = 0.0
+    g_trace = q_seq.shape[1] // h_kv
+    incidence, cache_len = [], []
     for j, res in enumerate(run.steps):
         t = T - steps + j
         k = np.ascontiguousarray(k_seq[: t + 1].transpose(1, 0, 2))
@@ -123,14 +140,16 @@ def quality_rows(q_seq, k_seq, v_seq, method, steps: int) -> dict:
         kept.append(res.selection.sizes.mean())
         for mem in traffic:
             traffic[mem] += res.traffic.by_memory(mem)
-        union += sum(u.size for u in res.selection.kv_union(h_kv))
-        per_head += float(res.selection.sizes.mean())
-    g_trace = q_seq.shape[1] // h_kv
-    u = union / (h_kv * per_head) if g_trace > 1 and per_head > 0 else math.nan
+        incidence += [group_incidence(res.selection.indices[g * g_trace:(g + 1) * g_trace], res.selection.n)
+                      for g in range(h_kv)]
+        cache_len += [res.selection.n] * h_kv
+    measured = group_union_estimate(incidence, cache_len, g_trace) if g_trace > 1 else None
+    u = math.nan if measured is None else measured[0]
     return {"rel_error": float(np.mean(errs)), "mass": float(np.mean(masses)),
             "topk_overlap": float(np.mean(overlaps)), "tokens_kept": float(np.mean(kept)),
             **{f"oracle_{mem}_bytes": b / len(run.steps) for mem, b in traffic.items()},
-            "trace_group_union": float(u)}
+            "trace_group_union": float(u),
+            "incidence": np.array(incidence, dtype=np.int64), "cache_len": np.array(cache_len, dtype=np.int64)}
 
 
 QUALITY = ("rel_error", "mass", "topk_overlap", "tokens_kept")
@@ -140,16 +159,43 @@ STEP_COST = ("us_per_token", "attention_us", "sim_hbm_read_bytes", "sim_attn_hbm
 LAYER_COST = ("layer_attention_us", "layer_attn_hbm_read_bytes", "layer_attn_pcie_bytes")
 
 
-def model_group_union(u_trace: float, g_trace: int, g_model: int) -> float | None:
-    """The trace's measured union factor ``u_trace`` in [1, g_trace] mapped onto a model whose KV
-    groups have ``g_model`` query heads: linear between identical (1) and disjoint (G) sets. ``None``
-    when nothing was measured (the caller falls back to the cost model's analytic default)."""
-    if g_model == 1:
-        return 1.0
-    if g_trace <= 1 or u_trace is None or math.isnan(u_trace):
+def group_incidence(sets, n: int) -> np.ndarray:
+    """``Q[k - 1]`` = tokens selected by exactly ``k`` of the index ``sets`` (one KV group's query heads)."""
+    counts = np.zeros(int(n), dtype=np.int64)
+    for ix in sets:
+        np.add.at(counts, np.unique(np.asarray(ix, dtype=np.int64)), 1)
+    return np.bincount(counts, minlength=len(sets) + 1)[1:len(sets) + 1]
+
+
+def group_union_estimate(incidence, cache_len, g_model: int):
+    """``(union factor, source)`` of a KV group of ``g_model`` query heads from the trace's incidence
+    counts (``incidence[i, k - 1]``: tokens selected by exactly k of the G_t heads of group i, one row
+    per step and KV head; ``cache_len[i]``: the tokens in its cache): ``sum U(g_model) / sum U(1)``,
+    clipped to [1, g_model]; ``U`` measured (``trace``), averaged over subsets (``subsets``) or
+    extrapolated (``extrapolated``) as the module doc says. ``None`` when nothing can be said (G_t = 1
+    with g_model > 1, or no head selected anything): the caller falls back to the analytic default."""
+    Q = np.asarray(incidence, dtype=float)
+    if Q.ndim != 2 or Q.shape[0] == 0:
         return None
-    u = 1.0 + (float(u_trace) - 1.0) * (g_model - 1) / (g_trace - 1)
-    return min(float(g_model), max(1.0, u))
+    T = Q.shape[1]
+    k = np.arange(1, T + 1)
+    size1 = float((Q * k).sum()) / T                  # sum over groups of the mean per-head size, U(1)
+    if size1 <= 0:
+        return None
+    if g_model <= T:
+        unseen = np.array([math.comb(T - j, g_model) for j in k], dtype=float) / math.comb(T, g_model)
+        total = float((Q * (1.0 - unseen)).sum())
+        source = "trace" if g_model == T else "subsets"
+    elif T == 1:
+        return None
+    else:
+        q1, q2, s_obs = Q[:, 0], Q[:, 1], Q.sum(axis=1)
+        q0 = (T - 1) / T * np.where(q2 > 0, q1 ** 2 / (2 * np.maximum(q2, 1)), q1 * (q1 - 1) / 2)
+        step = np.divide(q1, T * q0 + q1, out=np.zeros_like(q1), where=q0 > 0)
+        union = s_obs + q0 * (1.0 - (1.0 - step) ** (g_model - T))
+        total = float(np.minimum(union, np.asarray(cache_len, dtype=float)).sum())
+        source = "extrapolated"
+    return min(float(g_model), max(1.0, total / size1)), source
 
 
 def gpu_list(gpu) -> list:
@@ -184,8 +230,8 @@ class _Pricer:
         fn = latency.method_cost(name)
         shape = spec.attention()
         self.group = shape.h_q // shape.h_kv
-        dense_layers = int(fn.defaults.get("dense_layers", 0) or 0)
-        reps, _ = latency._layer_classes(spec, dense_layers, fn.layer_dependent)
+        dense_layers = latency.method_dense_layers(fn)
+        reps, _ = latency.layer_classes(spec, dense_layers, fn.layer_dependent)
         self.active = (reps >= dense_layers).astype(float)
         self._kernels: dict = {}
         # does the cost model read more when a group's sets are disjoint than when identical?
@@ -207,12 +253,12 @@ class _Pricer:
         return sum((np.broadcast_to(np.asarray(amount(k), dtype=float), shape)
                     for k in sk.layer_kernels if k.name in sk.attention), np.zeros(shape))
 
-    def union_for(self, u_trace: float, g_trace: int):
-        """(group_union passed, what it is, source) for a measured trace factor."""
+    def union_for(self, estimate):
+        """(group_union passed, what it is, source) for ``estimate`` = ``(u, source)`` of
+        ``group_union_estimate`` at this model's G, or None."""
         if not self.uses_union:
             return None, math.nan, "unused"
-        u = model_group_union(u_trace, g_trace, self.group)
-        return (None, float(self.group), "analytic") if u is None else (u, u, "trace")
+        return (None, float(self.group), "analytic") if estimate is None else (estimate[0], estimate[0], estimate[1])
 
     def layer_cost(self, union, g) -> dict:
         """The attention-method kernels of one layer where the method runs (mean over such layers)."""
@@ -257,7 +303,6 @@ def evaluate(trace, methods: Sequence[str] = DEFAULT_METHODS, budgets: Sequence[
     context = trace.n_tokens if context is None else core.check_positive_int(context, "context")
     gpus = gpu_list(gpu)
     spec = get_model(model)
-    g_trace = trace.h_q // trace.h_kv
     seqs = {li: tuple(core.as_float64(a, "trace") for a in trace.layer(li).sequences()) for li in layers}
     rows = []
     for name in methods:
@@ -273,14 +318,18 @@ def evaluate(trace, methods: Sequence[str] = DEFAULT_METHODS, budgets: Sequence[
             scaled = max(1, min(context, math.floor(b * context / trace.n_tokens)))
             pricer = _Pricer(spec, name, scaled, context)
             u_all = float(np.mean([r["trace_group_union"] for r in per_layer]))
+            estimates = [group_union_estimate(r["incidence"], r["cache_len"], pricer.group) for r in per_layer]
+            overall_estimate = None if any(e is None for e in estimates) else \
+                (float(np.mean([e[0] for e in estimates])), estimates[0][1])
             overall = {"method": name, "budget": int(b), "layer": "all",
                        **{k: float(np.mean([r[k] for r in per_layer])) for k in QUALITY},
                        **{k: float(np.sum([r[k] for r in per_layer])) for k in ORACLE_BYTES},
                        "trace_group_union": u_all,
                        "oracle_seconds": float(np.sum([r["oracle_seconds"] for r in per_layer]))}
             for g in gpus:
-                for row, step in [(r, False) for r in per_layer] + [(overall, True)]:
-                    passed, value, source = pricer.union_for(row["trace_group_union"], g_trace)
+                for row, estimate, step in [(r, e, False) for r, e in zip(per_layer, estimates)] + \
+                        [(overall, overall_estimate, True)]:
+                    passed, value, source = pricer.union_for(estimate)
                     cost = {"gpu": g.key, "context": context, "sim_budget": scaled, "group_union": value,
                             "group_union_source": source}
                     step_cost = pricer.step_cost(passed, g) if step else dict.fromkeys(STEP_COST)
@@ -323,15 +372,24 @@ NOTES = {
     "hbm_MB": "hbm_MB: simulated HBM reads per decode step, every kernel (weights included).",
     "pcie_MB": "pcie_MB: simulated PCIe bytes per decode step.",
     "group_union": "group_union: the GQA union factor priced (1 = a KV group's query heads select identical "
-                   "tokens, G = disjoint): 'trace' = measured from the oracle's selections{mapping}, 'analytic' = "
-                   "the cost model's upper bound G, 'unused' = the cost model does not depend on it here.",
+                   "tokens, G = disjoint), from the oracle's selections on the trace: {mapping}; 'analytic' = the "
+                   "cost model's upper bound G, 'unused' = the cost model does not depend on it here.",
 }
 
 
 def table_note(columns, trace_group: int, model_group: int) -> str:
     """What the MB and group_union columns among ``columns`` mean (MB = 10^6 bytes)."""
-    mapping = "" if trace_group == model_group else \
-        f" (trace G={trace_group}, mapped linearly to the model's G={model_group})"
+    if trace_group == 1 and model_group > 1:
+        mapping = "none here (the trace has one query head per KV head: no group to measure)"
+    elif model_group == trace_group:
+        mapping = f"'trace' = measured (the trace's G={trace_group} is the model's)"
+    elif model_group < trace_group:
+        mapping = (f"'subsets' = the mean union over every {model_group}-head subset of the trace's "
+                   f"{trace_group}-head groups (exact)")
+    else:
+        mapping = (f"'extrapolated' = the trace's {trace_group}-head groups extrapolated to the model's "
+                   f"G={model_group} (Chao et al. 2014 incidence extrapolation; an estimate that assumes the "
+                   f"model's heads of a group are exchangeable with the trace's)")
     pcie, pcie_mem = (" / oracle_pcie_MB", " / over PCIe") if "oracle_pcie_MB" in columns else ("", "")
     text = " ".join(NOTES[c].format(mapping=mapping, pcie=pcie, pcie_mem=pcie_mem) for c in NOTES if c in columns)
     return textwrap.fill(text + " MB = 10^6 bytes.", width=110, break_on_hyphens=False)

@@ -101,7 +101,23 @@ def method_cost(name):
     return fn
 
 
-def _layer_classes(spec: ModelSpec, dense_layers: int, layer_dependent: bool):
+def method_dense_layers(method, params: Mapping[str, Any] | None = None) -> int:
+    """Dense first layers of ``method`` (a name or a cost function) with hyper-parameters ``params``
+    (merged over its defaults): its ``dense_layers`` parameter (Quest's 2), or what its cost model's
+    ``dense_layers_of`` hook says (``kv_quant``: its base's). ``step_kernels``, ``kvsparse evaluate``
+    and ``replay.layer_compute_seconds`` all take it from here."""
+    fn = method_cost(method)
+    full = {**fn.defaults, **(params or {})}
+    hook = getattr(fn, "dense_layers_of", None)
+    return int(hook(full)) if hook is not None else int(full.get("dense_layers", 0) or 0)
+
+
+def layer_classes(spec: ModelSpec, dense_layers: int, layer_dependent: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The layers of ``spec`` grouped into classes priced alike: ``(reps, counts)``, where class ``c``
+    stands for ``counts[c]`` layers and ``reps[c]`` is its first layer index (in layer order of first
+    appearance). A layer-dependent cost model (per-layer budgets) gets one class per layer; otherwise a
+    class is (dense first layer?, MoE layer?): layer ``l`` is a dense first layer iff
+    ``l < dense_layers``. ``reps >= dense_layers`` marks the classes in which the method runs."""
     keys: dict = {}
     for layer in range(spec.n_layers):
         key = layer if layer_dependent else (layer < dense_layers, spec.is_moe_layer(layer))
@@ -109,6 +125,17 @@ def _layer_classes(spec: ModelSpec, dense_layers: int, layer_dependent: bool):
     reps = np.array([v[0] for v in keys.values()], dtype=np.int64)
     counts = np.array([len(v) for v in keys.values()], dtype=np.int64)
     return reps, counts
+
+
+def append_bytes(fn, q: Query):
+    """``(writes, staged)`` per request and KV head of appending the new token's K and V (``kv_append``):
+    the cost model's ``append_bytes`` hook where it has one (``kv_quant``: packed codes and scales at the
+    quantized width, the full-precision residual), else one K and one V row in the query's KV format
+    with their scales (``key_row + value_row + scale_row``), nothing re-read."""
+    hook = getattr(fn, "append_bytes", None)
+    if hook is not None:
+        return hook(q)
+    return q.key_row + q.value_row + q.scale_row, 0
 
 
 def _weight_kernels(spec: ModelSpec, reps: np.ndarray, batch: int, wbits: int, wdtype: str):
@@ -156,7 +183,7 @@ def step_kernels(spec: ModelSpec, method: str, n, budget=None, *, kv="fp16", wei
     fn = method_cost(method)
     full_params = {**fn.defaults, **(params or {})}
     if dense_layers is None:
-        dense_layers = int(full_params.get("dense_layers", 0))
+        dense_layers = method_dense_layers(fn, params)
     if not 0 <= dense_layers <= spec.n_layers:
         raise ValueError(f"dense_layers must be in [0, {spec.n_layers}], got {dense_layers}")
     if weights not in WEIGHT_BITS:
@@ -171,7 +198,7 @@ def step_kernels(spec: ModelSpec, method: str, n, budget=None, *, kv="fp16", wei
     budget = np.asarray(budget)
     grid = np.broadcast_shapes(n.shape, budget.shape)
     batch = grid[-1]
-    reps, counts = _layer_classes(spec, dense_layers, fn.layer_dependent)
+    reps, counts = layer_classes(spec, dense_layers, fn.layer_dependent)
     lshape = (len(reps),) + (1,) * len(grid)
     layer = reps.reshape(lshape)
     budget = budget[None] if budget.ndim else budget
@@ -184,12 +211,11 @@ def step_kernels(spec: ModelSpec, method: str, n, budget=None, *, kv="fp16", wei
     active = (layer >= dense_layers).astype(np.int64)
     attention = [k.scaled(active) for k in fn(q)]
     if dense_layers and getattr(fn, "method", None) != "dense":
-        attention += [k.scaled(1 - active) for k in dense_kernels(q, "dense_attention")]
+        # a cost model whose dense layers differ from fp16 dense attention (kv_quant: over its quantized cache)
+        dense_fn = getattr(fn, "dense_layer_kernels", dense_kernels)
+        attention += [k.scaled(1 - active) for k in dense_fn(q, "dense_attention")]
     attention = [k.batched(full) for k in attention]
     before, after, step = _weight_kernels(spec, reps, batch, WEIGHT_BITS[weights], weights)
-    for k in before:
-        if k.name == "kv_append":
-            k.writes = np.asarray(batch * q.h_kv * (q.key_row + q.value_row + q.scale_row))
     gshape = (len(reps),) + (1,) * (len(grid) - 1)
 
     def per_class(k):
@@ -199,6 +225,11 @@ def step_kernels(spec: ModelSpec, method: str, n, budget=None, *, kv="fp16", wei
     for k in after:
         k.phase = shift
     layer_kernels = [per_class(k) for k in phase0] + attention + [per_class(k) for k in after]
+    writes, staged = append_bytes(fn, q)
+    for k in layer_kernels:
+        if k.name == "kv_append":          # summed over the batch (the last axis), every KV head
+            k.writes = q.h_kv * np.broadcast_to(writes, q.n.shape).sum(axis=-1)
+            k.staged = q.h_kv * np.broadcast_to(staged, q.n.shape).sum(axis=-1)
     return StepKernels(counts, layer_kernels, step, [k.name for k in attention], grid[:-1])
 
 

@@ -290,8 +290,8 @@ def layer_compute_seconds(model, gpu, method: str, budget, contexts, *, part: st
             if k.engine != "pcie" and (part == "layer" or k.name in sk.attention)]
     times = [latency.kernel_seconds(k, g, cuda_graphs=cuda_graphs) for k in kept]
     per_class = np.broadcast_to(latency.combine(kept, times), (len(sk.layer_counts),) + sk.grid)
-    dense_layers = int({**fn.defaults, **(params or {})}.get("dense_layers", 0) or 0)
-    reps, counts = latency._layer_classes(spec, dense_layers, fn.layer_dependent)
+    dense_layers = latency.method_dense_layers(fn, params)
+    reps, counts = latency.layer_classes(spec, dense_layers, fn.layer_dependent)
     weight = counts * (reps >= dense_layers)
     if not weight.sum():           # a method dense in every layer: the layer is the dense one
         weight = counts

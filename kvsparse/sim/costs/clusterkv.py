@@ -3,8 +3,9 @@
 Mirrors ``kvsparse/oracle/clusterkv.py`` (everything resident in HBM, as the repo's accuracy path):
 with T prompt tokens, ``m = T - min(sinks, T)`` clustered keys in ``C = min(n_clusters, m)`` clusters
 and ``r = clip(budget - sinks, 0, m)`` clustered tokens taken per head, the scorers (KV heads under
-KV sharing, else query heads; none when r is 0 or m) read ``C`` centroids of ``d`` elements and ``C``
-int32 sizes; one int64 member index is read per selected clustered token (the group's union under
+KV sharing, else query heads; none when r is 0 or m) read ``C`` centroids of ``d`` elements (at
+``KVFormat.side_bits``: the KV element width, 16 bits beside ``--kv int8|int4``) and ``C`` int32
+sizes; one int64 member index is read per selected clustered token (the group's union under
 sharing). A head attends ``min(sinks, T) + r + (n - T)`` tokens. T defaults to ``n - generated``
 (``generated`` = 1: a step right after prefill); ``observed`` may give ``prompt_len``,
 ``index_rows`` (the union of clustered selections) and ``rows``.
@@ -33,7 +34,7 @@ def cost(q: Query) -> list[Kernel]:
     index_rows = observed_or(q, "index_rows", union_rows(q, r, per_kv_head=shared, cap=m))
     per_head = np.minimum(sinks, t) + r + (q.n - t)
     rows = observed_or(q, "rows", union_rows(q, per_head, per_kv_head=shared))
-    score = Kernel("cluster_scores", reads={("hbm", "metadata"): scorers * c * (q.key_row + CLUSTER_SIZE_BYTES)},
+    score = Kernel("cluster_scores", reads={("hbm", "metadata"): scorers * c * (q.side_row + CLUSTER_SIZE_BYTES)},
                    writes=q.h_q * c * 4 * ranking, flops=2 * q.shape.d * q.h_q * c * ranking, compute="vector",
                    count=ranking.astype(np.int64))
     gather = Kernel("cluster_gather", reads={("hbm", "metadata"): index_rows * MEMBER_INDEX_BYTES},

@@ -1,11 +1,13 @@
 """Double Sparsity: label-cache scores (r channels of every key), top-k, sparse attention.
 
-Mirrors ``kvsparse/oracle/double_sparsity.py``: labels of ``r`` elements (``label_bits``, or the KV
-width) plus a per-token scale and zero when quantized, read for all n tokens once per KV head when
-the channel ranking is shared by the group (and KV heads are shared), else per query head; none on a
-dense step (budget >= n). Selected rows: per query head (the query label differs within a group),
-from ``kv_memory``: with "pcie" the rows are copied over the host link and the attention re-reads
-them from HBM (staged bytes, not in Traffic).
+Mirrors ``kvsparse/oracle/double_sparsity.py``: labels of ``r`` elements (``label_bits``, or the
+width of derived stores, ``KVFormat.side_bits``: the KV element width of a plain format, 16 bits
+beside ``--kv int8|int4``, as in ``kv_quant`` over Double Sparsity) plus a per-token scale and zero
+when quantized, read for all n tokens once per KV head when the channel ranking is shared by the
+group (and KV heads are shared), else per query head; none on a dense step (budget >= n). Selected
+rows: per query head (the query label differs within a group), from ``kv_memory``: with "pcie" the
+rows are copied over the host link and the attention re-reads them from HBM (staged bytes, not in
+Traffic).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def cost(q: Query) -> list[Kernel]:
     d = q.shape.d
     r = min(d, q.params.get("r") or max(1, d // 8))
     label_bits = q.params.get("label_bits")
-    bits = label_bits or q.kv.element_bits
+    bits = label_bits or q.kv.side_bits
     dense = q.budget >= q.n
     if (r * bits) % 8 and not np.all(dense):
         raise ValueError(f"a label of r={r} channels at {bits} bits is not a whole number of bytes")

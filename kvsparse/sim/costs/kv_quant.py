@@ -22,7 +22,18 @@ quantized rows and ``B`` the distinct token blocks they touch: ``observed["quant
 ``B <= min(R, readers * n_q, readers * blocks(n_q))``: an upper bound, exact when every row is read).
 SparQ's pass: ``r * (n_q * key_bits + (n - n_q) * element_bits)`` bits per reader and the groups
 holding its channels (``observed["quant"]["channels"]``, else
-``min(r, groups per row)`` per reader) for every block of the quantized prefix.
+``min(r, groups per row)`` per reader) for every block of the quantized prefix. vAttention's exact
+top-k scan of every key (``staged``: timed, not in Traffic) is re-priced the same way.
+
+Around the attention (``latency.step_kernels`` reads these hooks): the dense first layers are the
+base's (``dense_layers_of``: Quest's 2) and run dense attention over the same quantized cache
+(``dense_layer_kernels``); the new token's K/V are written at the quantized width (``append_bytes``:
+packed codes and new scale groups, the full-precision residual row, see there).
+
+Agreement with ``--kv int8|int4``: a KV format with scale bytes on a composable base prices exactly
+what this model prices with per-token groups of the format (``int8``: ``group_size=0``; ``int4``:
+``group_size=32``; no residual, 16-bit scales) over that base at fp16, the base's own stores at full
+width both ways (``costmodel``'s module doc; ``tests/test_sim_latency.py``).
 """
 from __future__ import annotations
 
@@ -58,7 +69,13 @@ def groups_per_block(axis: str, group: int, d: int) -> int:
 
 def _base(q: Query):
     """``(name, params, cost function)`` of the base method; refuses what the oracle refuses."""
-    base = q.params.get("base")
+    return resolve_base(q.params)
+
+
+def resolve_base(kv_quant_params: Mapping):
+    """``(name, params, cost function)`` of the base named by ``kv_quant_params["base"]``, its parameters
+    merged over its cost model's defaults; refuses what the oracle refuses."""
+    base = kv_quant_params.get("base")
     if base is None:
         name, params = "dense", {}
     elif isinstance(base, str):
@@ -108,10 +125,29 @@ def cost(q: Query) -> list[Kernel]:
     name, params, base_cost = _base(q)
     bp = base_cost.budget_param
     own = params.get(bp) if bp else None
-    budget = np.where(q.budget > 0, q.budget, own or 0) if bp else q.budget
+    if not (isinstance(own, (int, np.integer)) and not isinstance(own, bool)):
+        own = 0          # no token count (None, or a fraction such as vAttention's heavy=0.05): the base's params say
+    budget = np.where(q.budget > 0, q.budget, own) if bp else q.budget
     base_q = dataclasses.replace(q, params=params, budget=budget,
                                  observed={k: v for k, v in q.observed.items() if k != "quant"})
     measured = q.observed.get("quant", {})
+
+    def rows_priced(kernel_name, site, ten, b):
+        """(bytes, scale bytes) of a read of whole ``ten`` rows worth ``b`` bytes at full width."""
+        n_q, packed, axis, _ = fmt[ten]
+        row = q.key_row if ten == "keys" else q.value_row
+        rows = b // row
+        if np.any(rows * row != b):
+            raise ValueError(f"kernel {kernel_name} reads {ten} that are not whole rows")
+        if site in measured and ten in measured[site]:
+            quant, blocks = (np.asarray(x, dtype=np.int64) for x in measured[site][ten])
+        else:
+            most = np.minimum(rows, q.readers * n_q)       # bounds on the quantized rows among them
+            least = np.maximum(0, rows - q.readers * (q.n - n_q))
+            quant = least if packed <= row else most       # the larger byte count
+            blocks = np.minimum(most, q.readers * token_blocks(n_q, axis, group))
+        return rows * row - quant * (row - packed), blocks * groups_per_block(axis, group, d) * pair
+
     out = []
     for kernel in base_cost(base_q):
         site = _sites(name, kernel.name)
@@ -134,26 +170,19 @@ def cost(q: Query) -> list[Kernel]:
                 add((mem, ten), total // 8)
                 add((mem, "metadata"), token_blocks(n_q, axis, group) * np.asarray(groups, dtype=np.int64) * pair)
             elif ten in ("keys", "values"):
-                n_q, packed, axis, _ = fmt[ten]
-                row = q.key_row if ten == "keys" else q.value_row
-                if row == 0:                                       # values stored in the keys (MLA shapes)
+                if (q.key_row if ten == "keys" else q.value_row) == 0:   # values stored in the keys (MLA shapes)
                     add((mem, ten), b)
                     continue
-                rows = b // row
-                if np.any(rows * row != b):
-                    raise ValueError(f"kernel {kernel.name} reads {ten} that are not whole rows")
-                if site in measured and ten in measured[site]:
-                    quant, blocks = (np.asarray(x, dtype=np.int64) for x in measured[site][ten])
-                else:
-                    most = np.minimum(rows, q.readers * n_q)       # bounds on the quantized rows among them
-                    least = np.maximum(0, rows - q.readers * (q.n - n_q))
-                    quant = least if packed <= row else most       # the larger byte count
-                    blocks = np.minimum(most, q.readers * token_blocks(n_q, axis, group))
-                add((mem, ten), rows * row - quant * (row - packed))
-                add((mem, "metadata"), blocks * groups_per_block(axis, group, d) * pair)
+                data, scales = rows_priced(kernel.name, site, ten, b)
+                add((mem, ten), data)
+                add((mem, "metadata"), scales)
             else:
                 add((mem, ten), b)
         k = dataclasses.replace(kernel, reads=reads)
+        if name == "vattention" and kernel.name == "vatt_topk_scores":
+            # the exact top-k selector scans every key of the cache: timed (staged), not in Traffic
+            data, scales = rows_priced(kernel.name, "topk_scan", "keys", np.asarray(kernel.staged, dtype=np.int64))
+            k = dataclasses.replace(k, staged=data + scales)
         if q.params.get("base") is None and kernel.name == "attention":
             k = dataclasses.replace(k, name="quantized_attention")
         out.append(k)
@@ -177,3 +206,62 @@ def observe(method, result, inp, *, h_kv, layout):
 
 
 cost.observe = observe
+
+
+def dense_layers_of(params: Mapping) -> int:
+    """Dense first layers of ``kv_quant`` with these parameters: its own ``dense_layers`` if given, else
+    its base's (Quest's 2: the quantized model runs dense attention there, over the quantized cache)."""
+    if params.get("dense_layers") is not None:
+        return int(params["dense_layers"])
+    _, base_params, _ = resolve_base(params)
+    return int(base_params.get("dense_layers", 0) or 0)
+
+
+def dense_layer_kernels(q: Query, name: str = "dense_attention") -> list[Kernel]:
+    """The kernels of a dense first layer: dense attention over the same quantized cache (``base=None``)."""
+    out = cost(dataclasses.replace(q, params={**q.params, "base": None}, observed={}))
+    return [dataclasses.replace(k, name=name) for k in out]
+
+
+def append_bytes(q: Query):
+    """``(writes, staged)``: HBM bytes one decode step writes to (and re-reads from) the cache of one KV
+    head for the token it appends, per request (arrays over ``q.n``), for keys and values each:
+
+    * the new token's row at full width (``q.kv``) unless it is quantized on arrival (it lies in the
+      quantized prefix ``n_q(n)``: no residual, per-token groups or 1-token blocks);
+    * ``d * bits / 8`` packed bytes for every row quantized at this step, ``n_q(n) - n_q(n - 1)`` (0 or 1
+      per step for per-token groups beyond the residual, a whole block when a channel block completes,
+      ``R`` keys at a KIVI flush), and ``2 * scale_bits / 8`` per new scale group (``ceil(d / G)`` per
+      quantized token, ``d`` per completed channel block);
+    * staged (re-read, not in Traffic): the full-width rows quantized at this step that had been
+      stored at full width.
+
+    Channel groups with ``group_size=0`` cover every quantized token, so their scales change at every
+    step: the whole prefix is re-written (``n_q`` packed rows and ``d`` scale pairs) and re-read."""
+    p = {**cost.defaults, **q.params}
+    group, residual, rule = int(p["group_size"]), int(p["residual"]), p["residual_rule"]
+    pair = 2 * int(p["scale_bits"]) // 8
+    n = q.n
+    writes = staged = 0
+    for dim, row, bits, axis in ((q.shape.d, q.key_row, p["key_bits"], p["key_axis"]),
+                                 (q.shape.d_v, q.value_row, p["value_bits"], p["value_axis"])):
+        if row == 0:                                  # values stored in the keys (MLA shapes)
+            continue
+        packed = dim * int(bits) // 8
+        now = np.maximum(0, quantized_prefix(n, axis, residual, group, rule))
+        before = np.maximum(0, quantized_prefix(n - 1, axis, residual, group, rule))
+        arrives_quantized = (now >= n).astype(np.int64)
+        quantized = now - before
+        whole = axis == "channel" and group == 0
+        rewritten = now if whole else quantized
+        new_groups = (token_blocks(now, axis, group) if whole
+                      else token_blocks(now, axis, group) - token_blocks(before, axis, group))
+        writes = writes + (1 - arrives_quantized) * row + rewritten * packed + \
+            new_groups * groups_per_block(axis, group, dim) * pair
+        staged = staged + (quantized - arrives_quantized) * row + (rewritten - quantized) * packed
+    return writes, staged
+
+
+cost.dense_layers_of = dense_layers_of
+cost.dense_layer_kernels = dense_layer_kernels
+cost.append_bytes = append_bytes

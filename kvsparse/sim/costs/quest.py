@@ -1,8 +1,11 @@
 """Quest: page estimate (min/max metadata), top-k over page scores, sparse attention over the pages.
 
 Mirrors ``kvsparse/oracle/quest.py`` field by field (token budget = the simulator's budget):
-metadata read = ``2 * scored_pages * row_bytes(d) * readers``; no estimate on a dense step (budget
-covering the context, or the kernel path's few-pages rule). Selected rows: the oracle's selection
+metadata read = ``2 * scored_pages * side_row * readers``; no estimate on a dense step (budget
+covering the context, or the kernel path's few-pages rule). ``side_row`` is ``d`` elements at the KV
+element width for a plain format (fp16/bf16/fp8, the oracle's ``layout.row_bytes(d)``) and at 16 bits
+beside a scaled integer format (``--kv int8|int4``): the page min/max are a separate fp16 store, as in
+``kv_quant`` over Quest (preset ``quest-int4``); see ``costmodel``'s module doc. Selected rows: the oracle's selection
 when measured (``observed["rows"]``), otherwise every chosen page full (an upper bound: a chosen partial
 last page holds fewer), and under GQA sharing the group's union per ``group_union`` (default G).
 """
@@ -53,7 +56,7 @@ def cost(q: Query) -> list[Kernel]:
         per_head = np.minimum(q.n, per_head + np.where(dense, 0, kept_pages * q.page_size))
     rows = observed_or(q, "rows", np.where(dense, q.readers * q.n, union_rows(q, per_head, scattered=False)))
     active = (~dense).astype(np.int64)
-    estimate = Kernel("quest_estimate", reads={("hbm", "metadata"): 2 * scored * q.key_row * q.readers},
+    estimate = Kernel("quest_estimate", reads={("hbm", "metadata"): 2 * scored * q.side_row * q.readers},
                       writes=q.h_q * scored * SCORE_BYTES, flops=4 * q.shape.d * q.h_q * scored,
                       compute="vector", count=active)
     topk = Kernel("quest_topk", staged=q.h_q * scored * SCORE_BYTES, writes=q.h_q * kept_pages * INDEX_BYTES * active,

@@ -3,8 +3,9 @@
 Mirrors ``kvsparse/oracle/twilight.py``: the base selector's metadata reads (its own cost model's
 estimate kernels, without its attention), the estimate's reads of the candidates' keys (union per
 KV head under KV sharing, per query head otherwise; not page-rounded): ``d * quant_bits / 8`` bytes
-plus a scale and zero per row as "auxiliary", or full key rows as "keys" without quantization; then
-the kept rows. The simulator's budget is the base selector's token budget (the candidates).
+plus a scale and zero per row as "auxiliary", or full key rows as "keys" without quantization (with
+their scales as "metadata" beside ``--kv int8|int4``); then the kept rows. The simulator's budget is
+the base selector's token budget (the candidates).
 Data-dependent sizes: ``observed["candidate_rows"]`` and ``observed["rows"]``; without them the
 candidates are the base's analytic count and the kept set is ``kept_tokens`` per head (default 146,
 the upper end of the 126-146 average Twilight reports), at most the candidates.
@@ -55,6 +56,8 @@ def cost(q: Query) -> list[Kernel]:
     d = q.shape.d
     if bits is None:
         est_reads = {("hbm", "keys"): cand_rows * q.key_row * estimate_on}
+        if q.kv.scale_bytes:             # the candidates' key scales beside a scaled format (--kv int8|int4)
+            est_reads[("hbm", "metadata")] = cand_rows * q.kv.scale_bytes_per_row(d) * estimate_on
     else:
         if (d * bits) % 8:
             raise ValueError(f"d={d} at {bits} bits is not a whole number of bytes")

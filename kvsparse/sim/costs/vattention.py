@@ -5,7 +5,7 @@ union under KV sharing): ``observed["rows"]`` when measured. Analytic estimate p
 + heavy (ints are tokens, floats fractions of n, exact floor) + a sample of ``sample_rate`` of the rest
 (default 0.05, the paper's base rate; the real sample size follows (epsilon, delta) and the data).
 Timed but not in Traffic (as the oracle states): the top-k selector's scores over every key
-(``staged``, one key read per reader: an exact selector).
+(``staged``, one key row and its scales per reader: an exact selector).
 The simulator's budget is ``heavy`` (tokens).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def cost(q: Query) -> list[Kernel]:
     rows = observed_or(q, "rows", union_rows(q, per_head))
     scoring = (_size(heavy, q.n) > 0).astype(np.int64)
     return [
-        Kernel("vatt_topk_scores", staged=q.readers * q.n * q.key_row * scoring,
+        Kernel("vatt_topk_scores", staged=q.readers * q.n * (q.key_row + q.kv.scale_bytes_per_row(q.shape.d)) * scoring,
                writes=q.h_q * q.n * SCORE_BYTES * scoring, flops=2 * q.shape.d * q.h_q * q.n * scoring,
                count=scoring),
         Kernel("vatt_sample_attention", reads=kv_reads(q, rows), flops=attention_flops(q, q.h_q * per_head),
