@@ -90,6 +90,12 @@ def test_device_names_and_calibration_records():
     cal = hardware.calibrated(g, recs)
     np.testing.assert_allclose(cal.efficiency([1e7, 1e8, 1e9]), [0.3, 0.6, 0.9], rtol=1e-9)
     assert "own measurement" in cal.sources["efficiency_curve"]
+    # a graph replay is the kernel's own time: it is used over the eager timing (which holds a launch)
+    eager = [{**r, "seconds": r["seconds"] + 5e-6, "seconds_graph": r["seconds"]} for r in recs]
+    np.testing.assert_allclose(hardware.calibrated(g, eager).efficiency([1e7, 1e8, 1e9]), [0.3, 0.6, 0.9],
+                               rtol=1e-9)
+    without_graph = [{**r, "seconds_graph": None} for r in eager]
+    assert hardware.calibrated(g, without_graph).efficiency([1e7])[0] < 0.3
 
 
 # ---- models: numbers from the published config.json files and model cards ----------------------
