@@ -311,3 +311,29 @@ def test_replay_cli_prints_hit_rates(capsys):
     with pytest.raises(SystemExit):
         cli.main(["replay", "--prefetch", "magic"])
     assert cli.main(["replay", "--model", "no-such-model", "--steps", "2"]) == 2
+
+
+def test_per_layer_methods_are_recorded_per_layer_and_replay_calibrates_double_sparsity(tmp_path):
+    """A mapping layer -> method runs each layer's own method; the replay CLI saves what an
+    uncalibrated Double Sparsity reads after calibration on each layer's own prompt (evaluate's rule),
+    which differs from what the uncalibrated method (channels 0..r-1) reads."""
+    from kvsparse import cli
+    from kvsparse.oracle.double_sparsity import DoubleSparsity
+    from kvsparse.sim.evaluate import DEFAULT_TRACE, calibrated
+    from kvsparse.traces.format import load_trace
+    trace = load_trace(DEFAULT_TRACE)
+    steps, layers = 2, (3, 27)
+    prefill = trace.n_tokens - steps
+    seqs = {li: tuple(np.asarray(a, np.float64) for a in trace.layer(li).sequences()) for li in layers}
+    plain = DoubleSparsity(token_budget=32)
+    want = record_access({li: calibrated(plain, q, k, prefill) for li, (q, k, _) in seqs.items()}, seqs,
+                         prefill_len=prefill)
+    uncalibrated = record_access(plain, seqs, prefill_len=prefill)
+    path = tmp_path / "ds.npz"
+    assert cli.main(["replay", "--method", "double_sparsity", "--budget", "32", "--steps", str(steps),
+                     "--layers", "3,27", "--cache-fractions", "1", "--compute", "none", "--save", str(path)]) == 0
+    got = AccessTrace.load(path)
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.offsets, want.offsets)
+    assert not np.array_equal(uncalibrated.ids, want.ids)
+    with pytest.raises(ValueError, match="every layer"):
+        record_access({3: plain}, seqs, prefill_len=prefill)

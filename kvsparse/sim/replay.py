@@ -304,7 +304,7 @@ def cmd_replay(args) -> int:
     from ..traces.access import record_access, record_cluster_access
     from ..traces.format import load_trace
     from . import hardware
-    from .evaluate import DEFAULT_TRACE, method_with_budget
+    from .evaluate import DEFAULT_TRACE, calibrated, method_with_budget
 
     trace = load_trace(args.trace or DEFAULT_TRACE)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else list(trace.layers)
@@ -330,7 +330,9 @@ def cmd_replay(args) -> int:
     if args.method == "clusterkv":
         access = record_cluster_access(method, seqs, prefill_len=prefill, layout=layout)
     else:
-        access = record_access(method, seqs, prefill_len=prefill, layout=layout)
+        # an uncalibrated Double Sparsity is calibrated per layer on that layer's prompt, as evaluate does
+        per_layer = {li: calibrated(method, q, k, prefill) for li, (q, k, _) in seqs.items()}
+        access = record_access(per_layer, seqs, prefill_len=prefill, layout=layout)
     if args.save:
         access.save(args.save)
     total_units = (access.unit_sizes.sum() if access.unit_sizes is not None

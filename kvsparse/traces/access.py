@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -137,12 +137,18 @@ def from_selections(selections: Sequence[Sequence[Selection]], layers: Sequence[
 def record_access(method, layers: dict[int, tuple], *, prefill_len: int, layout: Layout = Layout()) -> AccessTrace:
     """Run ``method``'s oracle over an attention trace and record what it read.
 
-    ``layers`` maps a layer index to ``(q_seq [T, H_q, d], k_seq [T, H_kv, d], v_seq)``.
+    ``layers`` maps a layer index to ``(q_seq [T, H_q, d], k_seq [T, H_kv, d], v_seq)``; ``method`` is one
+    method for every layer, or a mapping layer index -> method (a method calibrated per layer, such
+    as Double Sparsity's channels).
     """
     if not layers:
         raise ValueError("layers must hold at least one layer")
     order = sorted(layers)
-    runs = [run_decode(method, *layers[li], prefill_len=prefill_len, layout=layout) for li in order]
+    per_layer = method if isinstance(method, Mapping) else {li: method for li in order}
+    if set(per_layer) != set(order):
+        raise ValueError(f"method must map every layer {order} to a method, got layers {sorted(per_layer)}")
+    method = per_layer[order[0]]
+    runs = [run_decode(per_layer[li], *layers[li], prefill_len=prefill_len, layout=layout) for li in order]
     q0, k0, _ = layers[order[0]]
     h_kv, d = np.shape(k0)[1], np.shape(k0)[2]
     per_step = [[run.steps[s].selection for run in runs] for s in range(len(runs[0].steps))]
