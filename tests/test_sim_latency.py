@@ -332,3 +332,17 @@ def test_layer_classes_is_public_and_used_by_evaluate_and_replay():
     assert not hasattr(latency, "_layer_classes")
     for module in (evaluate, replay, latency):
         assert "_layer_classes" not in inspect.getsource(module)
+
+
+def test_mla_and_lorc_latents_carry_their_scales_at_int8_and_int4():
+    """Llama-3-8B shape (32 layers, 8 KV heads, d = 128), n = 1000. MLA read as 8 rows of 128 per token and
+    layer; LoRC's latents of rank 0.5 * 8 * 128 = 512 for K and for V. int8: one 4-byte scale per row;
+    int4: 4 bytes per 32 elements."""
+    n, layers = 1000, 32
+    want = {("mla", "int8"): 8 * n * layers * 4, ("mla", "int4"): 8 * n * layers * (128 // 32) * 4,
+            ("lorc", "int8"): 2 * n * layers * 4, ("lorc", "int4"): 2 * n * layers * (512 // 32) * 4}
+    for (method, kv), scales in want.items():
+        sk = latency.step_kernels("llama-3-8b", method, [n], kv=kv)
+        assert float(sk.hbm_read_bytes(("metadata",))) == scales, (method, kv)
+    for method in ("mla", "lorc"):
+        assert float(latency.step_kernels("llama-3-8b", method, [n], kv="fp16").hbm_read_bytes(("metadata",))) == 0

@@ -3,6 +3,7 @@
 Mirrors ``kvsparse/oracle/lorc.py``: ``n * key_rank`` and ``n * value_rank`` latent elements read once
 per step (shared by every head), ranks given or ``floor(ratio * H_kv * d)`` (at least 1). The rebuild
 ``(x A) B`` costs ``2 * n * r * H_kv * d`` FLOPs per tensor (B is a weight: not counted as KV bytes).
+A scaled integer format (``--kv int8|int4``) adds its scale bytes per latent row (tensor ``metadata``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ def cost(q: Query) -> list[Kernel]:
         if (r * bits) % 8:
             raise ValueError(f"a rank-{r} latent at {bits} bits is not a whole number of bytes")
     full = q.h_kv * q.shape.d
-    return [Kernel("lorc_rebuild_attention",
-                   reads={("hbm", "keys"): q.n * rk * bits // 8, ("hbm", "values"): q.n * rv * bits // 8},
+    reads = {("hbm", "keys"): q.n * rk * bits // 8, ("hbm", "values"): q.n * rv * bits // 8}
+    scales = q.n * (q.kv.scale_bytes_per_row(rk) + q.kv.scale_bytes_per_row(rv))
+    if scales:
+        reads[("hbm", "metadata")] = scales
+    return [Kernel("lorc_rebuild_attention", reads=reads,
                    flops=2 * q.n * (rk + rv) * full + attention_flops(q, q.h_q * q.n),
                    writes=q.h_q * q.shape.d_v * 2)]
