@@ -25,7 +25,8 @@ broadcast product. Either way the products are exact in fp32 and the sums are fp
 probabilities are rounded to the input dtype before P @ V in the dot path, as FlashAttention does
 (and as the naive reference of ``property_tests.tolerances`` does). The interpreter cannot multiply
 bfloat16 matrices, so there (and for fp32 inputs) both dots run in fp32 "ieee" on the same rounded
-operands: the products are exact either way, only the summation order can differ.
+operands: the products are exact either way, only the summation order can differ. fp16 runs the
+GPU's fp16 dot in the interpreter as well.
 
 The launch reads nothing back from the GPU when ``check_inputs=False`` (lengths are clamped in the
 kernel instead), so a decode step can be captured in a CUDA graph; the default checks every input
@@ -166,6 +167,13 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _f32_dot(dtype) -> bool:
+    """fp32 inputs take the "ieee" fp32 dot; so does bf16 in the interpreter, which cannot multiply
+    bf16 matrices. fp16 runs the GPU's own fp16 dot in the interpreter too, so CI exercises that path."""
+    import torch
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
+
+
 def _check(q, k, v, entries, lengths, weights, heads, paged: bool):
     import torch
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -282,7 +290,7 @@ def _launch(q, k, v, entries, lengths, weights, heads, scale, num_splits, block,
         part_out, part_lse,
         float(scale if scale is not None else 1.0 / math.sqrt(d)), int(seq_len), width, chunk,
         stride_kh, stride_kn, stride_vh, stride_vn, stride_kp, stride_vp, ent.stride(0),
-        G=g, ROW_IS_KV=row_is_kv, GP=gp, USE_DOT=use_dot, F32_DOT=q.dtype == torch.float32 or _interpreted(),
+        G=g, ROW_IS_KV=row_is_kv, GP=gp, USE_DOT=use_dot, F32_DOT=_f32_dot(q.dtype),
         D=d, DP=max(16, _next_pow2(d)), BLOCK=max(16, _next_pow2(block)),
         ENTRY=entry_tokens, HAS_W=w is not None, HAS_HEADS=bits is not None,
         PAGED=paged, PAGE=page, NUM_SPLITS=num_splits)

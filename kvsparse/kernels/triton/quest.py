@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from ...registry import register_kernel
-from .attention import DOT_ROWS, _interpreted, _next_pow2, decode_attention_page_list, to_numpy, to_torch, topk_core
+from .attention import DOT_ROWS, _f32_dot, _next_pow2, decode_attention_page_list, to_numpy, to_torch, topk_core
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,7 +148,7 @@ def page_scores(q, kmin, kmax, n_pages: int | None = None):
         block = 64
         score[(h_kv, -(-n_pages // block))](q.contiguous(), kmin, kmax, scores, n_pages, kmin.stride(0),
                                             kmin.stride(1), G=g, GP=max(DOT_ROWS, _next_pow2(g)),
-                                            F32_DOT=q.dtype == torch.float32 or _interpreted(),
+                                            F32_DOT=_f32_dot(q.dtype),
                                             D=d, DP=max(16, _next_pow2(d)), BLOCK=block)
     return scores
 
