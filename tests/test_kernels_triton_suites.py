@@ -33,6 +33,8 @@ SMALL = (decode_inputs(max_n=2048, max_h_kv=8, max_group=4, head_dims=(16, 64, 1
 FEW = settings(max_examples=60 if ON_GPU else 10, deadline=None, suppress_health_check=list(HealthCheck))
 STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattention"]
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
+# positional patterns: the oracle's set, attention on the GPU (streaming_llm: its registered suite decodes)
+PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm"]
 
 
 def triton_kernel(name):
@@ -41,7 +43,7 @@ def triton_kernel(name):
 
 def test_every_registered_triton_kernel_is_bound_here():
     registered = {name for name, entry in registry.entries().items() if "triton" in entry.kernels}
-    assert registered == set(STATELESS) | set(STATEFUL), registered
+    assert registered == set(STATELESS) | set(STATEFUL) | set(PATTERNS), registered
 
 
 @pytest.mark.parametrize("name,dtype", [(n, dt) for n in STATELESS for dt in ("float32", "float16")])
@@ -50,6 +52,32 @@ def test_stateless_kernel_implements_its_method(name, dtype):
     report = suites.run_suite(suite, triton_kernel(name), dtype=dtype, settings=FEW)
     assert report.ok, str(report)
     assert report.examples >= 10, report.examples
+
+
+@pytest.mark.parametrize("name,dtype", [(n, dt) for n in PATTERNS for dt in ("float32", "float16")])
+def test_pattern_kernel_implements_its_method(name, dtype):
+    suite = suites.suite_for(name)
+    if suite.sequences is None:
+        suite = dataclasses.replace(suite, inputs=SMALL)
+    report = suites.run_suite(suite, triton_kernel(name), dtype=dtype, settings=FEW)
+    assert report.ok, str(report)
+    assert report.examples >= 10, report.examples
+
+
+def test_a_pattern_kernel_off_by_one_is_caught():
+    """Planted bug: a sliding window one token short (the oracle's set for window - 1)."""
+    from kvsparse.oracle.sliding_window import SlidingWindow
+    from kvsparse.property_tests.strategies import make_decode_input
+    kernel = triton_kernel("sliding_window")
+
+    def planted(method, q, k, v, **kw):
+        return kernel(dataclasses.replace(method, window=method.window - 1), q, k, v, **kw)
+
+    x = make_decode_input(4, 2, 40, 8, "gaussian", 3)
+    method = SlidingWindow(window=9)
+    assert suites.check_step(method, kernel, x).ok
+    verdict = suites.check_step(method, planted, x)
+    assert not verdict.ok and verdict.failures[0].name == "selection", str(verdict)
 
 
 def test_the_suite_catches_a_planted_bug():

@@ -437,3 +437,26 @@ def rows_per_query_head(rows, h_q: int):
     """Per-KV-head lists repeated for each query head of the group (identity when ``len(rows) == h_q``)."""
     g = h_q // len(rows)
     return [rows[h // g] for h in range(h_q)]
+
+
+def selection_mask(selection, h_kv: int, device):
+    """An oracle ``Selection`` (a set per query head) as a ``[U, n]`` bool mask on the device: one row
+    per KV head (U = H_kv: each selected row read once per group) when every head of each group has
+    the same set, else one per query head."""
+    import torch
+    mask = selection.mask()
+    g = mask.shape[0] // h_kv
+    grouped = mask.reshape(h_kv, g, -1)
+    if (grouped == grouped[:, :1]).all():
+        mask = grouped[:, 0]
+    return torch.from_numpy(np.ascontiguousarray(mask)).to(device)
+
+
+def pattern_step(method, q, k, v, *, positions=None, scale=None):
+    """Kernel-step contract of a positional pattern (sliding window, BigBird, Longformer, StreamingLLM's
+    rolling rule): the set is the oracle's ``select`` (integer arithmetic on positions, no scores),
+    the attention runs on the GPU. Returns ``(out [H_q, d], indices per query head)`` as NumPy."""
+    qt, kt, vt = to_torch(q, "q"), to_torch(k, "k"), to_torch(v, "v")
+    selection = method.select(np.asarray(q), np.asarray(k), np.asarray(v), positions=positions)
+    out, _, rows = attend_mask(qt, kt, vt, selection_mask(selection, kt.shape[0], qt.device), scale=scale)
+    return to_numpy(out), rows_per_query_head(rows, qt.shape[0])

@@ -1,0 +1,10 @@
+"""The sliding window in Triton: the oracle's positional set (``kvsparse.oracle.sliding_window``: no scores, nothing to
+reimplement), attended by the split-K kernel, one list per KV head when the group shares it."""
+from ...registry import register_kernel
+from .attention import pattern_step
+
+
+@register_kernel("sliding_window", "triton")
+def sliding_window(method, q, k, v, *, positions=None, scale=None):
+    """Kernel-step contract: ``(out [H_q, d], indices per query head)`` as NumPy."""
+    return pattern_step(method, q, k, v, positions=positions, scale=scale)
