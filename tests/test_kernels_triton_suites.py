@@ -35,6 +35,7 @@ STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattenti
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
 # positional patterns: the oracle's set, attention on the GPU (streaming_llm: its registered suite decodes)
 PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm"]
+RETRIEVAL = ["retrieval_attention"]
 
 
 def triton_kernel(name):
@@ -43,7 +44,7 @@ def triton_kernel(name):
 
 def test_every_registered_triton_kernel_is_bound_here():
     registered = {name for name, entry in registry.entries().items() if "triton" in entry.kernels}
-    assert registered == set(STATELESS) | set(STATEFUL) | set(PATTERNS), registered
+    assert registered == set(STATELESS) | set(STATEFUL) | set(PATTERNS) | set(RETRIEVAL), registered
 
 
 @pytest.mark.parametrize("name,dtype", [(n, dt) for n in STATELESS for dt in ("float32", "float16")])
@@ -54,7 +55,7 @@ def test_stateless_kernel_implements_its_method(name, dtype):
     assert report.examples >= 10, report.examples
 
 
-@pytest.mark.parametrize("name,dtype", [(n, dt) for n in PATTERNS for dt in ("float32", "float16")])
+@pytest.mark.parametrize("name,dtype", [(n, dt) for n in PATTERNS + RETRIEVAL for dt in ("float32", "float16")])
 def test_pattern_kernel_implements_its_method(name, dtype):
     suite = suites.suite_for(name)
     if suite.sequences is None:
@@ -78,6 +79,35 @@ def test_a_pattern_kernel_off_by_one_is_caught():
     assert suites.check_step(method, kernel, x).ok
     verdict = suites.check_step(method, planted, x)
     assert not verdict.ok and verdict.failures[0].name == "selection", str(verdict)
+
+
+def test_retrieval_that_searches_the_static_set_too_is_caught():
+    """Planted bug: the search not restricted to the candidates (static tokens compete, so a head
+    retrieves fewer than top_k new tokens) fails the selection property; approximate retrieval is
+    refused by name."""
+    import torch
+    from kvsparse.kernels.triton import retrieval_attention as tra
+    from kvsparse.oracle.retrieval_attention import RetrievalAttention
+    from kvsparse.property_tests.strategies import make_decode_input
+    kernel = triton_kernel("retrieval_attention")
+
+    def planted(method, q, k, v, **kw):
+        qt, kt, vt = (tra.to_torch(a) for a in (q, k, v))
+        keep = torch.zeros((qt.shape[0], kt.shape[1]), dtype=torch.bool)
+        keep[:, torch.from_numpy(tra.static_set(kt.shape[1], method.sinks, method.window))] = True
+        every = torch.arange(qt.shape[1], dtype=torch.int32)[None].expand(qt.shape[0], -1)
+        keep.scatter_(1, tra.topk_core(tra.reduced_scores(qt.float(), kt, every), method.top_k), True)
+        out, _, rows = tra.attend_mask(qt, kt, vt, keep, scale=kw.get("scale"))
+        return tra.to_numpy(out), rows
+
+    x = make_decode_input(4, 2, 60, 8, "sink_and_local", 5)   # the sinks score high: they would win
+    method = RetrievalAttention(sinks=4, window=8, top_k=6)
+    scores = suites.suite_for("retrieval_attention").scores
+    assert suites.check_step(method, kernel, x, scores=scores).ok
+    verdict = suites.check_step(method, planted, x, scores=scores)
+    assert not verdict.ok and verdict.failures[0].name == "selection", str(verdict)
+    with pytest.raises(ValueError, match="exact retrieval only"):
+        kernel(RetrievalAttention(recall=0.5), x.q, x.k, x.v)
 
 
 def test_the_suite_catches_a_planted_bug():
