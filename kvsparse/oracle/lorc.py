@@ -145,12 +145,12 @@ class LoRC(Method):
 
     def ranks(self, full_rank: int) -> tuple[int, int]:
         """``(key_rank, value_rank)`` for a cache whose full rank is ``full_rank`` (``H_kv * d``)."""
-        def one(rank, ratio):
+        def one(rank, ratio, name):
             r = core.budget_from_ratio(full_rank, ratio, minimum=1) if rank is None else rank
             if r > full_rank:
-                raise ValueError(f"rank {r} exceeds the full rank {full_rank}")
+                raise ValueError(f"{name} {r} exceeds the full rank {full_rank} (H_kv * d)")
             return r
-        return one(self.key_rank, self.key_ratio), one(self.value_rank, self.value_ratio)
+        return one(self.key_rank, self.key_ratio, "key_rank"), one(self.value_rank, self.value_ratio, "value_rank")
 
     def latent_traffic(self, n: int, key_rank: int, value_rank: int, layout: Layout) -> Traffic:
         bits = layout.element_bits

@@ -38,7 +38,17 @@ Properties, each a function returning a ``PropertyResult``:
   function must match exactly.
 * ``output``    within the FlashAttention rule (``tolerances.attention_tolerance``) of the oracle's
   ``attend`` over the *kernel's* selection (so an accepted tie difference is not double-counted),
-  both on the inputs rounded to the kernel's dtype.
+  both on the inputs rounded to the kernel's dtype. The tolerance is taken at the scale the oracle
+  attends with (``scale``, else the method's own ``default_scale`` where it has one: MLA's
+  ``1/sqrt(d_N + d_R)``; else ``1/sqrt(d)``) and over the cache the method attends (``cache``: KV
+  quantization's dequantized rows, ``tolerances.derived_cache_tolerance``).
+
+Methods whose properties the per-token rules above cannot state (the structural methods,
+``suites_structural.py``) give their suite a ``check`` of their own, used in place of ``check_step``
+with the same arguments; it calls ``check_step`` with a ``selection_rule`` (Deja Vu's choice of heads:
+``selection_rule(method, expected, got, q, k, v, dtype) -> PropertyResult`` replaces
+``check_selection``) or a ``cache`` (``cache(method, k, v, dtype) -> (k, v, k_naive, v_naive)``), and
+may add properties of an extended contract (CLA's layers, LoRC's latents).
 
 ``check_step`` / ``check_decode`` return a ``Verdict``; ``run_suite`` draws inputs with hypothesis
 (shrinking to a minimal failing input) and returns a ``SuiteReport``. A ``MethodSuite`` (registered
@@ -261,12 +271,21 @@ def check_selection(expected: Selection, got: Selection, scores=None) -> Propert
     return PropertyResult("selection", True, "; ".join(notes))
 
 
+def attention_scale(method, scale):
+    """The softmax scale ``method.attend`` uses: ``scale``, else the method's own ``default_scale``
+    where it defines one (MLA: ``1/sqrt(d_N + d_R)``), else None (``1/sqrt(d)``)."""
+    return scale if scale is not None else getattr(method, "default_scale", None)
+
+
 def check_output(method: Method, got_output, q, k, v, selection: Selection, dtype: str, *,
-                 scale=None) -> PropertyResult:
+                 scale=None, cache: Callable | None = None) -> PropertyResult:
     """Output vs ``method.attend`` over ``selection`` on the rounded inputs, under the FA tolerance rule.
 
     The tolerance is that of softmax attention over ``selection.mask()`` in ``dtype`` (weighted by the
-    selection's weights where it has them).
+    selection's weights where it has them), at ``attention_scale(method, scale)``. ``cache(method, k, v,
+    dtype) -> (k_hat, v_hat, k_naive, v_naive)``: the method attends over a cache derived from k and v
+    (KV quantization's dequantized rows); the tolerance is then
+    ``tolerances.derived_cache_tolerance`` over it.
     """
     qr, kr, vr = (tolerances.round_to(x, dtype) for x in (q, k, v))
     try:
@@ -281,8 +300,13 @@ def check_output(method: Method, got_output, q, k, v, selection: Selection, dtyp
         return PropertyResult("output", False, f"expected shape {ref.shape}, got {got.shape}")
     err = float(np.max(np.abs(got - ref), initial=0.0)) if np.isfinite(got).all() else math.inf
     weights = selection.dense_weights()
-    tol = tolerances.attention_tolerance(qr, kr, vr, dtype, mask=selection.mask() if weights is None else None,
-                                         scale=scale, weights=weights)
+    mask = selection.mask() if weights is None else None
+    tol_scale = attention_scale(method, scale)
+    if cache is None:
+        tol = tolerances.attention_tolerance(qr, kr, vr, dtype, mask=mask, scale=tol_scale, weights=weights)
+    else:
+        tol = tolerances.derived_cache_tolerance(qr, *cache(method, kr, vr, dtype), dtype, mask=mask,
+                                                 scale=tol_scale, weights=weights)
     if err <= tol:
         return PropertyResult("output", True, "", err, tol)
     return PropertyResult("output", False, _worst_row(ref, got), err, tol)
@@ -308,11 +332,13 @@ def _contract_failure(exc: BaseException) -> PropertyResult:
 
 
 def check_step(method: Method, kernel: Callable, inp: DecodeInput, *, dtype: str = "float32",
-               scale=None, scores: Callable | None = None) -> Verdict:
+               scale=None, scores: Callable | None = None, selection_rule: Callable | None = None,
+               cache: Callable | None = None) -> Verdict:
     """All properties of one stateless decode step.
 
     The oracle runs in float64 on the inputs rounded to ``dtype``; the kernel gets the same values in
-    ``dtype``. ``scores(method, q, k, v, dtype) -> (s [H_q, n], band [H_q])`` enables the band rule.
+    ``dtype``. ``scores(method, q, k, v, dtype) -> (s [H_q, n], band [H_q])`` enables the band rule;
+    ``selection_rule`` replaces ``check_selection`` and ``cache`` goes to ``check_output`` (module doc).
     """
     q, k, v = (tolerances.round_to(x, dtype) for x in (inp.q, inp.k, inp.v))
     q, k, v, _ = core.check_decode_inputs(q, k, v, scale=scale)
@@ -328,14 +354,15 @@ def check_step(method: Method, kernel: Callable, inp: DecodeInput, *, dtype: str
                                      positions=None, scale=scale), q.shape[0])
     except Exception as exc:  # a kernel's crash is a verdict, not a crash of the suite
         return Verdict(repr(method), label, (_contract_failure(exc),))
-    return Verdict(repr(method), label, tuple(_judge(method, step, expected, q, k, v, dtype, scale, scores)))
+    return Verdict(repr(method), label, tuple(_judge(method, step, expected, q, k, v, dtype, scale, scores,
+                                                     selection_rule, cache)))
 
 
 def _scale_label(scale) -> str:
     return "" if scale is None else f", scale={scale!r}"
 
 
-def _judge(method, step, expected, q, k, v, dtype, scale, scores):
+def _judge(method, step, expected, q, k, v, dtype, scale, scores, selection_rule=None, cache=None):
     h_q, d = q.shape
     if step.output.shape != (h_q, d) or not np.isfinite(np.asarray(step.output, dtype=np.float64)).all():
         return [PropertyResult("contract", False, f"output must be finite [H_q={h_q}, d={d}], got shape "
@@ -349,8 +376,11 @@ def _judge(method, step, expected, q, k, v, dtype, scale, scores):
             got_sel = kernel_selection(step, expected.selection.n)
         except ValueError as exc:
             return results + [PropertyResult("selection", False, f"invalid indices: {exc}")]
-        sel = check_selection(expected.selection, got_sel,
-                              None if scores is None else scores(method, q, k, v, dtype))
+        if selection_rule is not None:
+            sel = selection_rule(method, expected.selection, got_sel, q, k, v, dtype)
+        else:
+            sel = check_selection(expected.selection, got_sel,
+                                  None if scores is None else scores(method, q, k, v, dtype))
         results.append(sel)
         if not sel.ok:
             return results
@@ -360,7 +390,7 @@ def _judge(method, step, expected, q, k, v, dtype, scale, scores):
                 return results + [PropertyResult("selection", False, "kernel reported no weights")]
             got_sel = expected.selection
         selection = got_sel
-    results.append(check_output(method, step.output, q, k, v, selection, dtype, scale=scale))
+    results.append(check_output(method, step.output, q, k, v, selection, dtype, scale=scale, cache=cache))
     return results
 
 
@@ -465,6 +495,9 @@ class MethodSuite:
     ``methods`` receives the sequence's DecodeShapes (n = T), ``scores`` gets
     ``(method, oracle_state, q, k_new, v_new, dtype)``. ``min_prompt``: the shortest prompt every drawn
     method accepts; sequences drawn from traces (``suite_inputs``) prefill at least that many tokens.
+    ``check`` (stateless methods): the method's own check of one case, called as ``check_step`` is
+    (``check(method, kernel, inp, *, dtype, scale, scores) -> Verdict``) and used in its place, by
+    ``run_suite`` and by ``kvsparse validate --replay`` (module doc).
     """
 
     name: str
@@ -473,6 +506,7 @@ class MethodSuite:
     scores: Callable | None = None
     sequences: Any = None
     min_prompt: int = 1
+    check: Callable | None = None
 
     def __call__(self, kernel, **kwargs) -> SuiteReport:
         return run_suite(self, kernel, **kwargs)
@@ -591,7 +625,7 @@ def run_suite(suite: "MethodSuite | str", kernel: Callable, *, dtype: str = "flo
             verdicts = check_decode(method, kernel, q_seq, k_seq, v_seq, prefill_len=prefill, dtype=dtype,
                                     scale=scale, scores=suite.scores, label=label)
             return next((v for v in verdicts if not v.ok), verdicts[-1])
-        return check_step(method, kernel, payload, dtype=dtype, scale=scale, scores=suite.scores)
+        return (suite.check or check_step)(method, kernel, payload, dtype=dtype, scale=scale, scores=suite.scores)
 
     for example in examples:
         verdict = one(*example)

@@ -144,6 +144,47 @@ def attention_tolerance(q, k, v, dtype: str, *, mask=None, scale: float | None =
     return multiple * max(realized, accumulation) + dtype_eps(dtype) * float(np.max(np.abs(ref), initial=0.0))
 
 
+def derived_cache_tolerance(q, k, v, k_naive, v_naive, dtype: str, *, mask=None, scale: float | None = None,
+                            multiple: float = DEFAULT_MULTIPLE, weights=None) -> float:
+    """Largest max-abs error allowed for a ``dtype`` kernel that attends over a cache it *derives* from
+    its inputs: KV quantization's dequantized rows (``code * scale + zero``), LoRC's keys and values
+    rebuilt from latents. ``k``/``v`` are that cache as the float64 oracle derives it (what its output
+    is computed over), ``k_naive``/``v_naive`` the same cache derived naively in ``dtype`` (each
+    product and sum rounded to the dtype, matmuls accumulated as ``naive_attention``'s are).
+
+    The naive same-precision computation derives the cache in the dtype and then attends naively, so
+    the rule is unchanged, with the derivation's rounding in the naive error:
+
+        max( attention_tolerance(q, k, v),
+             multiple * max|naive_attention(q, k_naive, v_naive) - oracle(q, k, v)| + eps(dtype) * max|oracle| )
+
+    where ``oracle`` attends in float64 over the unrounded derived cache (``q`` rounded). The first
+    term is the rule for a kernel that derives the cache exactly and rounds it once (its first-order
+    accumulation scale covers one rounding of every logit's key and of every value); the second the
+    realized error of deriving it in the dtype, as a GPU kernel dequantizing or rebuilding into registers does.
+    """
+    base = attention_tolerance(q, k, v, dtype, mask=mask, scale=scale, multiple=multiple, weights=weights)
+    qr = round_to(core.as_float64(q, "q"), dtype)
+    k = core.as_float64(k, "k")
+    v = core.as_float64(v, "v")
+    for name, naive_x, x in (("k_naive", k_naive, k), ("v_naive", v_naive, v)):
+        if np.shape(naive_x) != x.shape:
+            raise ValueError(f"{name} must have the shape of the derived cache {x.shape}, got {np.shape(naive_x)}")
+    if weights is not None:
+        w, _ = _weights_and_mask(weights, mask, qr.shape[0], k.shape[1])
+        rows = [np.flatnonzero(wh > 0) for wh in w]
+        ref = core.attend_indices(qr, k, v, rows, [wh[r] for wh, r in zip(w, rows)], scale=scale)
+    elif mask is None:
+        ref = core.attend_dense(qr, k, v, scale=scale)
+    else:
+        ref = core.attend_mask(qr, k, v, np.asarray(mask, dtype=bool), scale=scale)
+    naive = naive_attention(qr, k_naive, v_naive, dtype, mask=mask, scale=scale, weights=weights)
+    if not (np.isfinite(naive).all() and np.isfinite(ref).all()):
+        return base
+    realized = float(np.max(np.abs(naive - ref), initial=0.0))
+    return max(base, multiple * realized + dtype_eps(dtype) * float(np.max(np.abs(ref), initial=0.0)))
+
+
 def first_order_error(q, k, v, dtype: str, ref, *, mask=None, scale: float | None = None, weights=None) -> float:
     """Max over heads and channels of the first-order accumulation error scale (see the module doc)."""
     q, k, v, sh = core.check_decode_inputs(*(round_to(x, dtype) for x in (q, k, v)), scale=scale)

@@ -19,6 +19,11 @@ return ``(output, indices, weights)``; they are checked statistically (``validat
 ``property_tests.vattention.check_sampler``): ``--calls`` independent calls per input, exact
 binomial test of the claimed failure probability at the stated false alarm ``--alpha``.
 
+Structural methods (``suites_structural.py``) also check optional kernel attributes beside the step
+(``EXTENDED_CONTRACTS``): CLA's ``decode_layers`` (every layer over its producer's cache) and LoRC's
+``decode_latent`` (the decode from the cache's latents); a failure there is saved as the step's input,
+from which the suite derives them again on ``--replay``.
+
 Stateful methods without a registered suite, or whose oracle needs a longer prompt than the suite
 draws (kvpress presets: ``T > window``), are checked on ``fitted_sequences`` (exact selection when
 the method has no score band). A kernel may name the preset it implements (``kernel.kvsparse_preset``,
@@ -126,6 +131,11 @@ class Recorder:
             # the same prefill signature as the kernel's (with or without scale): suites.prefill_takes_scale
             self.prefill = self._prefill if suites.prefill_takes_scale(kernel) else self._prefill_without_scale
             self.decode = self._decode
+        for extended in EXTENDED_CONTRACTS:
+            # called by a structural suite on inputs it derives from the recorded step (the step's
+            # arrays replay them): passed through, not recorded
+            if hasattr(kernel, extended):
+                setattr(self, extended, getattr(kernel, extended))
 
     def __call__(self, method, q, k, v, **kw):
         self.last = {"kind": "step", "method": method, "q": q, "k": k, "v": v, "scale": kw.get("scale")}
@@ -252,16 +262,20 @@ def replay(path, kernel: Callable, method_name: str | None = None):
         from . import vattention as va
         return va.check_sampler(method, kernel, q, k, v, calls=meta["calls"], alpha=meta["alpha"],
                                 seed=meta["rng_seed"], dtype=meta["dtype"])
-    scores = getattr(registry.get(meta["method"]).suite, "scores", None)   # none: generic stateful check
+    suite = registry.get(meta["method"]).suite
+    scores = getattr(suite, "scores", None)   # none: generic stateful check
     scale = meta.get("scale")     # the softmax scale the kernel was called with (None: 1/sqrt(d))
     if meta["kind"] == "decode":
         return suites.check_decode(method, kernel, q, k, v, prefill_len=meta["prefill_len"], dtype=meta["dtype"],
                                    scale=scale, scores=scores)
-    return suites.check_step(method, kernel, DecodeInput(q, k, v, "replay", 0), dtype=meta["dtype"], scale=scale,
-                             scores=scores)
+    check = getattr(suite, "check", None) or suites.check_step      # a structural suite's own check
+    return check(method, kernel, DecodeInput(q, k, v, "replay", 0), dtype=meta["dtype"], scale=scale, scores=scores)
 
 
 SAMPLER_METHOD = "vattention"        # randomized: checked statistically (validate_sampler)
+EXTENDED_CONTRACTS = ("decode_layers", "decode_latent")
+"""Optional kernel attributes the structural suites check beside the step (``suites_structural``):
+CLA's ``decode_layers`` (every layer over its producer's cache), LoRC's ``decode_latent`` (from the latents)."""
 DEFAULT_CALLS = 200
 DEFAULT_ALPHA = 1e-4
 # exact selection (no score band) cannot forgive float32 rounding of deliberate near-ties or of

@@ -46,3 +46,8 @@ def cla(method: CLA, q, k, v, *, positions=None, scale=None):
         raise TypeError(f"method must be a CLA instance, got {type(method).__name__}")
     out, _ = dense_attention(q, k, v, scale=scale)
     return out, np.broadcast_to(np.arange(k.shape[1]), (q.shape[0], k.shape[1]))
+
+
+# the multi-layer contract the CLA suite checks beside the step (property_tests/suites_structural.py):
+# decode_layers(method, q_layers, k_layers, v_layers, *, scale=None) -> out [L, H_q, d] (or a tuple led by it)
+cla.decode_layers = cla_decode_layers

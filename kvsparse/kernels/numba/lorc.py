@@ -78,3 +78,14 @@ def lorc(method: LoRC, q, k, v, *, positions=None, scale=None):
         raise TypeError(f"method must be a LoRC instance, got {type(method).__name__}")
     out, _ = dense_attention(q, k, v, scale=scale)
     return out, np.broadcast_to(np.arange(k.shape[1]), (q.shape[0], k.shape[1]))
+
+
+def lorc_decode_latent(method: LoRC, q, latent_k, latent_v, b_k, b_v, positions=None, *, scale=None):
+    """The latent contract the LoRC suite checks beside the step (``property_tests/suites_structural.py``):
+    ``lorc_attention`` with the method's ``rope_base``; returns ``(out, lse)``."""
+    if not isinstance(method, LoRC):
+        raise TypeError(f"method must be a LoRC instance, got {type(method).__name__}")
+    return lorc_attention(q, latent_k, latent_v, b_k, b_v, positions, rope_base=method.rope_base, scale=scale)
+
+
+lorc.decode_latent = lorc_decode_latent
