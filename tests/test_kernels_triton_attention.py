@@ -209,3 +209,21 @@ def test_checked_launches_refuse_bad_lists_by_name():
         decode_attention_page_list(q, k, v, torch.tensor([[0], [1]]), page_size=8)
     with pytest.raises(TypeError, match="share one dtype"):
         dense_decode(q, k.half(), v)
+
+
+def test_fp16_logits_beyond_the_dtype_range_still_get_a_finite_tolerance():
+    """Outlier channels at d = 128 and scale 2: q.k * scale exceeds float16's 65504, so PyTorch's naive
+    float16 attention is NaN there. The rule keeps those logits in float32 and stays finite: the split-K
+    kernel (fp32 logits) passes and a kernel with a wrong scale (2 / 1000: nearly uniform weights
+    instead of nearly one-hot ones) fails."""
+    x = make_decode_input(4, 2, 64, 128, "outlier_channels", seed=0)
+    s = np.einsum("hgd,hnd->hgn", x.q.reshape(2, 2, 128), x.k) * 2.0
+    assert np.abs(s).max() > 65504
+    tol = tolerances.attention_tolerance(x.q, x.k, x.v, "float16", scale=2.0)
+    assert np.isfinite(tol)
+    args = (as_torch(x.q, "float16"), as_torch(x.k, "float16"), as_torch(x.v, "float16"))
+    out, _ = dense_decode(*args, scale=2.0)
+    check = tolerances.check_attention_output(out.float().cpu().numpy(), x.q, x.k, x.v, "float16", scale=2.0)
+    assert check.ok, check
+    wrong, _ = dense_decode(*args, scale=2.0 / 1000)
+    assert not tolerances.check_attention_output(wrong.float().cpu().numpy(), x.q, x.k, x.v, "float16", scale=2.0).ok

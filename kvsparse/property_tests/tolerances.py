@@ -4,7 +4,10 @@ in that precision* has against the oracle.
 
 The naive computation mirrors what PyTorch does on a GPU for ``softmax(q K^T * scale) V`` in a
 low-precision dtype: inputs rounded to the dtype; each matmul accumulated in float32 and its
-result rounded to the dtype; the softmax computed in float32 and rounded to the dtype.
+result rounded to the dtype; the softmax computed in float32 and rounded to the dtype. A logit
+that overflows the dtype (float16 beyond 65504: outlier channels, a large scale) stays float32:
+the naive computation would give NaN there, and a kernel that keeps logits in float32, as
+FlashAttention's do, must still be held to the rounding of everything else.
 The oracle it is compared with runs in float64 on the *rounded* inputs (the kernel sees those too),
 so input rounding is not counted against anyone.
 
@@ -99,7 +102,11 @@ def naive_attention(q, k, v, dtype: str, *, mask=None, scale: float | None = Non
     s_scale = np.float32(core.default_scale(sh.d) if scale is None else scale)
     s32 = np.einsum("hgd,hnd->hgn", qr.reshape(sh.h_kv, sh.group, sh.d).astype(np.float32),
                     kr.astype(np.float32)).reshape(sh.h_q, sh.n) * s_scale    # float32 accumulation
-    s = round_to(s32, dtype)
+    with np.errstate(over="ignore"):
+        s = round_to(s32, dtype)
+    # a logit beyond the dtype's range: the naive computation has no value there (inf - inf = NaN in
+    # its softmax); keep the float32 logit so the rule measures the naive rounding everywhere else
+    s = np.where(np.isfinite(s) | ~np.isfinite(s32), s, s32)
     if mask is not None:
         s = np.where(mask, s, -np.inf)
     if weights is None:
