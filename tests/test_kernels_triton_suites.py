@@ -35,7 +35,7 @@ STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattenti
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
 # positional patterns: the oracle's set, attention on the GPU (streaming_llm: its registered suite decodes)
 PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm"]
-RETRIEVAL = ["retrieval_attention"]
+RETRIEVAL = ["retrieval_attention", "deja_vu"]   # suites without sequences: run on the SMALL inputs
 
 
 def triton_kernel(name):
@@ -108,6 +108,29 @@ def test_retrieval_that_searches_the_static_set_too_is_caught():
     assert not verdict.ok and verdict.failures[0].name == "selection", str(verdict)
     with pytest.raises(ValueError, match="exact retrieval only"):
         kernel(RetrievalAttention(recall=0.5), x.q, x.k, x.v)
+
+
+def test_deja_vu_computing_a_skipped_head_is_caught():
+    """Planted bug: the group's bits set for every head of a group with a kept head (skipped heads of
+    that group attend instead of outputting 0): the output property fails."""
+    from kvsparse.kernels.triton import deja_vu as tdv
+    from kvsparse.oracle.deja_vu import DejaVu
+    from kvsparse.property_tests.strategies import make_decode_input
+    kernel = triton_kernel("deja_vu")
+    real = tdv.head_masked_attention
+
+    def whole_groups(q, k, v, keep, **kw):
+        return real(q, k, v, keep.reshape(k.shape[0], -1).any(dim=1).repeat_interleave(q.shape[0] // k.shape[0]), **kw)
+
+    x = make_decode_input(4, 2, 30, 8, "gaussian", 7)
+    method = DejaVu(head_mask=(True, False, False, True))
+    assert suites.check_step(method, kernel, x).ok
+    tdv.head_masked_attention = whole_groups
+    try:
+        verdict = suites.check_step(method, kernel, x)
+    finally:
+        tdv.head_masked_attention = real
+    assert not verdict.ok and verdict.failures[0].name == "output", str(verdict)
 
 
 def test_the_suite_catches_a_planted_bug():
