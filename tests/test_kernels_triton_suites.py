@@ -35,7 +35,7 @@ STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattenti
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
 # positional patterns: the oracle's set, attention on the GPU (streaming_llm: its registered suite decodes)
 PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm"]
-RETRIEVAL = ["retrieval_attention", "deja_vu"]   # suites without sequences: run on the SMALL inputs
+RETRIEVAL = ["retrieval_attention", "deja_vu", "cla"]   # suites without sequences: run on the SMALL inputs
 
 
 def triton_kernel(name):
@@ -131,6 +131,25 @@ def test_deja_vu_computing_a_skipped_head_is_caught():
     finally:
         tdv.head_masked_attention = real
     assert not verdict.ok and verdict.failures[0].name == "output", str(verdict)
+
+
+def test_cla_layers_reading_their_own_cache_are_caught():
+    """Planted bug: every layer attends over its own (unwritten) cache instead of its producer's."""
+    from hypothesis import Phase
+    from kvsparse.kernels.triton import cla as tcla
+    kernel = triton_kernel("cla")
+
+    class OwnLayer:
+        def __call__(self, *a, **kw):
+            return kernel(*a, **kw)
+
+        def decode_layers(self, method, q_layers, k_layers, v_layers, *, scale=None):
+            return tcla.decode_layers(dataclasses.replace(method, sharing_factor=1), q_layers, k_layers, v_layers,
+                                      scale=scale)
+
+    find = settings(max_examples=30, derandomize=True, deadline=None, phases=(Phase.generate,))
+    report = suites.run_suite("cla", OwnLayer(), dtype="float32", settings=find)
+    assert not report.ok and "layers" in {r.name for r in report.failure.failures}, str(report)
 
 
 def test_the_suite_catches_a_planted_bug():
