@@ -154,51 +154,65 @@ def _dense_kernel(q, k, v, scale, out, lse):
         _write_group(acc, tot, mx, kvh, out, lse)
 
 
+@numba.njit(cache=True, fastmath=FASTMATH)
+def kept_group(q, k, v, kept, n, scale, kvh):
+    """One KV head's part of a kept-mask attention (the body of ``_kept_kernel``'s ``prange`` task,
+    shared with CORM's step): ``(rows, m, e, mx, tot, acc)`` with ``rows[:m]`` the group's union of
+    kept rows among ``0..n-1`` (ascending), ``e [G, m]`` the float64 exponentials ``exp(logit - mx)`` of
+    each head's own kept rows (other entries undefined), ``tot [G]`` their sums, ``acc [G, d]`` the
+    unnormalised outputs. The probability of row ``rows[b]`` for head gi is ``e[gi, b] / tot[gi]``."""
+    h_q, d = q.shape
+    g = h_q // k.shape[0]
+    per_unit = h_q // kept.shape[0]
+    # the group's union of kept rows, ascending: each row is loaded once for the G heads, and a
+    # head's dot products are computed only on its own rows (no 0-weight work, unlike a union
+    # list). Branch-free compaction: kept masks are irregular, a branch per position mispredicts.
+    rows = np.empty(n + 1, np.int64)
+    m = 0
+    for j in range(n):
+        hit = False
+        for gi in range(g):
+            hit |= kept[(kvh * g + gi) // per_unit, j]
+        rows[m] = j
+        m += hit
+    s = np.empty((g, m), np.float64)
+    mx = np.full(g, -np.inf, np.float64)
+    for b in range(m):
+        if b + PREFETCH_AHEAD < m:
+            _prefetch(k[kvh, rows[b + PREFETCH_AHEAD]])
+        row = rows[b]
+        for gi in range(g):
+            h = kvh * g + gi
+            if kept[h // per_unit, row]:
+                x = _dot(q[h], k[kvh, row]) * scale
+                s[gi, b] = x
+                if x > mx[gi]:
+                    mx[gi] = x
+    acc = np.zeros((g, d), np.float64)
+    tot = np.zeros(g, np.float64)
+    for b in range(m):
+        if b + PREFETCH_AHEAD < m:
+            _prefetch(v[kvh, rows[b + PREFETCH_AHEAD]])
+        row = rows[b]
+        for gi in range(g):
+            h = kvh * g + gi
+            if kept[h // per_unit, row]:
+                e = math.exp(s[gi, b] - mx[gi])
+                s[gi, b] = e
+                tot[gi] += e
+                for c in range(d):
+                    acc[gi, c] += e * np.float64(v[kvh, row, c])
+    return rows, m, s, mx, tot, acc
+
+
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def _kept_kernel(q, k, v, kept, n, scale, out, lse, probs, with_probs):
-    h_q, d = q.shape
+    h_q = q.shape[0]
     h_kv = k.shape[0]
     g = h_q // h_kv
     per_unit = h_q // kept.shape[0]
     for kvh in numba.prange(h_kv):
-        # the group's union of kept rows, ascending: each row is loaded once for the G heads, and a
-        # head's dot products are computed only on its own rows (no 0-weight work, unlike a union
-        # list). Branch-free compaction: kept masks are irregular, a branch per position mispredicts.
-        rows = np.empty(n + 1, np.int64)
-        m = 0
-        for j in range(n):
-            hit = False
-            for gi in range(g):
-                hit |= kept[(kvh * g + gi) // per_unit, j]
-            rows[m] = j
-            m += hit
-        s = np.empty((g, m), np.float64)
-        mx = np.full(g, -np.inf, np.float64)
-        for b in range(m):
-            if b + PREFETCH_AHEAD < m:
-                _prefetch(k[kvh, rows[b + PREFETCH_AHEAD]])
-            row = rows[b]
-            for gi in range(g):
-                h = kvh * g + gi
-                if kept[h // per_unit, row]:
-                    x = _dot(q[h], k[kvh, row]) * scale
-                    s[gi, b] = x
-                    if x > mx[gi]:
-                        mx[gi] = x
-        acc = np.zeros((g, d), np.float64)
-        tot = np.zeros(g, np.float64)
-        for b in range(m):
-            if b + PREFETCH_AHEAD < m:
-                _prefetch(v[kvh, rows[b + PREFETCH_AHEAD]])
-            row = rows[b]
-            for gi in range(g):
-                h = kvh * g + gi
-                if kept[h // per_unit, row]:
-                    e = math.exp(s[gi, b] - mx[gi])
-                    s[gi, b] = e
-                    tot[gi] += e
-                    for c in range(d):
-                        acc[gi, c] += e * np.float64(v[kvh, row, c])
+        rows, m, e, mx, tot, acc = kept_group(q, k, v, kept, n, scale, kvh)
         if with_probs:
             for gi in range(g):
                 h = kvh * g + gi
@@ -207,7 +221,7 @@ def _kept_kernel(q, k, v, kept, n, scale, out, lse, probs, with_probs):
                 if tot[gi] > 0:
                     for b in range(m):
                         if kept[h // per_unit, rows[b]]:
-                            probs[h, rows[b]] = s[gi, b] / tot[gi]
+                            probs[h, rows[b]] = e[gi, b] / tot[gi]
         _write_group(acc, tot, mx, kvh, out, lse)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from ...oracle import core
 from ...oracle.method import decode_scale
 from ...registry import register_kernel
-from .attention import FASTMATH, _dot, check_float_arrays
+from .attention import FASTMATH, _write_group, check_float_arrays, kept_group
 
 
 @dataclass
@@ -37,50 +37,29 @@ def corm_step(q, k, v, n, kept, last, threshold, scale, out):
     """Query at position ``n - 1`` attends each unit's kept keys among ``0..n-1`` (into ``out``);
     every kept key with probability ``>= threshold / m`` (m: keys the head attended) gets stamp n - 1.
 
-    ``k``/``v`` ``[H_kv, capacity, d]`` (rows ``< n`` read), ``kept``/``last`` ``[U, capacity]``.
-    One ``prange`` task per KV head, looping over its G query heads inside: each K and V row is then
-    loaded once per group (a dense step is bound by reading the cache), and every unit lies inside one
-    KV group (U = H_kv or H_q), so no two tasks write the same ``last`` entry. Each head's arithmetic
-    (logits, max, exponentials, sums in float64) is the per-head loop's, in the same order over p."""
-    h_q, d = q.shape
+    ``k``/``v`` ``[H_kv, capacity, d]`` (rows ``< n`` read), ``kept``/``last`` ``[U, capacity]``. The
+    attention is ``attention.kept_group``'s (one ``prange`` task per KV head, as ``kept_attention``);
+    the stamps are set inside the same task from its float64 exponentials and sums, so the test compares
+    float64 probabilities (none rounded to the input dtype: a rounding could flip a key at the threshold
+    against the oracle), and every unit lies inside one KV group (U = H_kv or H_q), so no two tasks
+    write the same ``last`` entry."""
+    h_q = q.shape[0]
     h_kv = k.shape[0]
     g = h_q // h_kv
     per_unit = h_q // kept.shape[0]
     t = n - 1
+    lse = np.empty(h_q, np.float64)   # _write_group's, unused here
     for kvh in numba.prange(h_kv):
-        s = np.empty((g, n), np.float64)
-        mx = np.full(g, -np.inf)
-        m = np.zeros(g, np.int64)
-        for p in range(n):
-            for gi in range(g):
-                h = kvh * g + gi
-                if kept[h // per_unit, p]:
-                    x = _dot(q[h], k[kvh, p]) * scale
-                    s[gi, p] = x
-                    m[gi] += 1
-                    if x > mx[gi]:
-                        mx[gi] = x
-        tot = np.zeros(g, np.float64)
-        acc = np.zeros((g, d), np.float64)
-        for p in range(n):
-            for gi in range(g):
-                h = kvh * g + gi
-                if kept[h // per_unit, p]:
-                    e = math.exp(s[gi, p] - mx[gi])
-                    s[gi, p] = e
-                    tot[gi] += e
-                    for c in range(d):
-                        acc[gi, c] += e * np.float64(v[kvh, p, c])
+        rows, m, e, mx, tot, acc = kept_group(q, k, v, kept, n, scale, kvh)
+        _write_group(acc, tot, mx, kvh, out, lse)
         for gi in range(g):
-            h = kvh * g + gi
-            for c in range(d):
-                out[h, c] = acc[gi, c] / tot[gi]
-        for gi in range(g):
-            h = kvh * g + gi
-            u = h // per_unit
-            for p in range(n):
-                if kept[u, p] and s[gi, p] / tot[gi] >= threshold / m[gi]:
-                    last[u, p] = t
+            u = (kvh * g + gi) // per_unit
+            attended = 0
+            for b in range(m):
+                attended += kept[u, rows[b]]
+            for b in range(m):
+                if kept[u, rows[b]] and e[gi, b] / tot[gi] >= threshold / attended:
+                    last[u, rows[b]] = t
 
 
 @numba.njit(cache=True)

@@ -251,7 +251,7 @@ def select(method: VAttention, q, k, v, *, scale=None, rng=None, samples=None, b
     n = k.shape[1]
     s_scale = _scale(scale, d)
     rng = np.random.default_rng(method.seed) if rng is None else rng
-    s = channel_logits(q, k, np.tile(np.arange(d), (h_q, 1)), np.full(h_q, s_scale))
+    s, _ = channel_logits(q, k, np.tile(np.arange(d), (h_q, 1)), np.full(h_q, s_scale))
     if method.selector is not None:
         rank = np.asarray(method.selector(q.astype(np.float64), k.astype(np.float64)), dtype=np.float64)
         if rank.shape != (h_q, n):
