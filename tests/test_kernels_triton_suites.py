@@ -110,7 +110,7 @@ def test_retrieval_that_searches_the_static_set_too_is_caught():
         kernel(RetrievalAttention(recall=0.5), x.q, x.k, x.v)
 
 
-def test_deja_vu_computing_a_skipped_head_is_caught():
+def test_deja_vu_computing_a_skipped_head_is_caught(monkeypatch):
     """Planted bug: the group's bits set for every head of a group with a kept head (skipped heads of
     that group attend instead of outputting 0): the output property fails."""
     from kvsparse.kernels.triton import deja_vu as tdv
@@ -125,11 +125,8 @@ def test_deja_vu_computing_a_skipped_head_is_caught():
     x = make_decode_input(4, 2, 30, 8, "gaussian", 7)
     method = DejaVu(head_mask=(True, False, False, True))
     assert suites.check_step(method, kernel, x).ok
-    tdv.head_masked_attention = whole_groups
-    try:
-        verdict = suites.check_step(method, kernel, x)
-    finally:
-        tdv.head_masked_attention = real
+    monkeypatch.setattr(tdv, "head_masked_attention", whole_groups)
+    verdict = suites.check_step(method, kernel, x)
     assert not verdict.ok and verdict.failures[0].name == "output", str(verdict)
 
 
@@ -186,7 +183,7 @@ def test_the_suite_catches_a_planted_selection_bug():
     assert not verdict.ok and verdict.failures[0].name == "selection", str(verdict)
 
 
-def test_the_suite_catches_vattention_weights_left_out_of_the_attention():
+def test_the_suite_catches_vattention_weights_left_out_of_the_attention(monkeypatch):
     """vAttention kernel whose GPU attention ignores the HT weights (reports them, attends unweighted):
     the output property fails; the real kernel passes on the same input."""
     from kvsparse.kernels.triton import vattention as tva
@@ -202,11 +199,8 @@ def test_the_suite_catches_vattention_weights_left_out_of_the_attention():
     method = VAttention(sinks=4, local=8, heavy=8, epsilon=0.5, delta=0.2, seed=5)
     good = suites.check_step(method, kernel, x)
     assert good.ok, str(good)
-    tva.decode_attention_indices = unweighted
-    try:
-        verdict = suites.check_step(method, kernel, x)
-    finally:
-        tva.decode_attention_indices = real
+    monkeypatch.setattr(tva, "decode_attention_indices", unweighted)
+    verdict = suites.check_step(method, kernel, x)
     assert not verdict.ok and verdict.failures[0].name == "output", str(verdict)
 
 

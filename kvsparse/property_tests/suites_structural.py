@@ -225,12 +225,19 @@ def _rounded(inp, dtype):
     return (tolerances.round_to(x, dtype) for x in (inp.q, inp.k, inp.v))
 
 
-def _cla_check(method, kernel, inp, *, dtype="float32", scale=None, scores=None) -> Verdict:
-    _method_of(method, "cla")
-    verdict = check_step(method, kernel, inp, dtype=dtype, scale=scale, scores=scores)
-    if not verdict.ok:
-        return verdict
-    return _extended(verdict, check_cla_layers(method, kernel, *_rounded(inp, dtype), dtype, scale))
+def _step_then(name: str, extra):
+    """A suite check: the plain step, then (if it passed) ``extra(method, kernel, q, k, v, dtype, scale)``
+    on the inputs rounded to the dtype (CLA's layers, LoRC's latents)."""
+    def check(method, kernel, inp, *, dtype="float32", scale=None, scores=None) -> Verdict:
+        _method_of(method, name)
+        verdict = check_step(method, kernel, inp, dtype=dtype, scale=scale, scores=scores)
+        if not verdict.ok:
+            return verdict
+        return _extended(verdict, extra(method, kernel, *_rounded(inp, dtype), dtype, scale))
+    return check
+
+
+_cla_check = _step_then("cla", check_cla_layers)
 
 
 registry.register_suite("cla")(MethodSuite(
@@ -361,12 +368,7 @@ def check_lorc_latent(method, kernel, q, k, v, dtype: str, scale=None) -> Proper
                                            f"{'0..n-1' if c['positions'] is not None else 'none (odd d)'})", err, tol)
 
 
-def _lorc_check(method, kernel, inp, *, dtype="float32", scale=None, scores=None) -> Verdict:
-    _method_of(method, "lorc")
-    verdict = check_step(method, kernel, inp, dtype=dtype, scale=scale, scores=scores)
-    if not verdict.ok:
-        return verdict
-    return _extended(verdict, check_lorc_latent(method, kernel, *_rounded(inp, dtype), dtype, scale))
+_lorc_check = _step_then("lorc", check_lorc_latent)
 
 
 registry.register_suite("lorc")(MethodSuite(
