@@ -13,6 +13,9 @@ What it measures (issue 9 floors), per context length n:
                    issue states it (0.8 n/B) and beside the memory-traffic bound (dense bytes / the
                    bytes Quest must read), which is below n/B: the metadata alone is 2/P of the keys
   * quest_step_per_head  the same with one list per query head (each head reads its own pages)
+  * triton_mla     absorbed MLA decode at DeepSeek-V2-Lite's shape (16 heads over one latent head of
+                   512 + 64 channels, read once as keys and values); no floor, priced by the
+                   simulator's MLA model of that model
 Context lengths below --sparse-from run the dense kernels only: they give the simulator's
 efficiency curve its small sizes. Each timing is do_bench's median; with --cuda-graph (default on a
 GPU) the step is also replayed from a CUDA graph (``seconds_graph``: launch overhead removed).
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 KERNELS = ("sdpa_flash", "triton_dense", "triton_sparse", "triton_paged", "quest_step", "quest_step_per_head")
+MLA_SHAPE = dict(heads=16, latent=512, rope=64, model="deepseek-v2-lite")
 
 
 def plan(args) -> list[dict]:
@@ -80,6 +84,7 @@ def plan(args) -> list[dict]:
         rows.append({"kernel": "triton_dense", "n": n, "budget": n})
         if n < args.sparse_from[0]:
             continue
+        rows.append({"kernel": "triton_mla", "n": n, "budget": n})
         for b in args.budgets:
             if b <= n:
                 rows += [{"kernel": k, "n": n, "budget": b} for k in KERNELS[2:]]
@@ -94,6 +99,8 @@ def bytes_needed(kernel: str, n: int, budget: int, args, rows_read: int | None =
     row = args.head_dim * elem
     if kernel in ("sdpa_flash", "triton_dense"):
         return 2 * args.h_kv * n * row
+    if kernel == "triton_mla":
+        return n * (MLA_SHAPE["latent"] + MLA_SHAPE["rope"]) * elem
     if kernel == "triton_sparse":
         return 2 * args.h_kv * budget * row + args.h_kv * budget * 4
     if kernel == "triton_paged":
@@ -113,7 +120,8 @@ def traffic_bound_speedup(n: int, budget: int, args) -> float:
 
 
 SIM_METHOD = {"sdpa_flash": "dense", "triton_dense": "dense", "triton_sparse": "sliding_window",
-              "triton_paged": "sliding_window", "quest_step": "quest", "quest_step_per_head": "quest"}
+              "triton_paged": "sliding_window", "quest_step": "quest", "quest_step_per_head": "quest",
+              "triton_mla": "mla"}
 
 
 def sim_seconds(kernel: str, n: int, budget: int, args, gpu_key: str) -> float:
@@ -121,7 +129,11 @@ def sim_seconds(kernel: str, n: int, budget: int, args, gpu_key: str) -> float:
     benchmark's H_q=32, H_kv=8, d=128): the step's attention time divided by its 32 layers. An
     index-set sparse attention over B tokens is priced as a B-token window (same rows read); Quest
     is priced with one list per query head (the simulator's convention)."""
-    from kvsparse.sim import latency
+    from kvsparse.sim import latency, models
+    if kernel == "triton_mla":
+        model = MLA_SHAPE["model"]
+        t = latency.simulate(model, gpu_key, "mla", 0, n, dense_layers=0)
+        return float(t.attention_seconds.ravel()[0]) / models.model(model).n_layers
     method = SIM_METHOD[kernel]
     params = {"page_size": args.page_size} if method == "quest" else None
     t = latency.simulate("llama-3-8b", gpu_key, method, budget if method != "dense" else 0, n,
@@ -185,6 +197,7 @@ def main(argv=None) -> int:
             return 2
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from kvsparse.kernels.triton.attention import decode_attention_indices, decode_attention_pages, dense_decode
+    from kvsparse.kernels.triton.mla import mla_decode
     from kvsparse.kernels.triton.quest import page_metadata, quest_step, union_of_group
 
     dev = "cuda" if cuda else "cpu"
@@ -226,6 +239,13 @@ def main(argv=None) -> int:
                 elif kernel == "triton_dense":
                     def fn():
                         return dense_decode(q, k, v)
+                elif kernel == "triton_mla":
+                    w = MLA_SHAPE["latent"] + MLA_SHAPE["rope"]
+                    q_mla = torch.randn((MLA_SHAPE["heads"], w), generator=g).to(dev, dtype)
+                    kv_mla = torch.randn((n, w), generator=g).to(dev, dtype)
+
+                    def fn(q_mla=q_mla, kv_mla=kv_mla):
+                        return mla_decode(q_mla, kv_mla, MLA_SHAPE["rope"], scale=1 / (128 + 64) ** 0.5)
                 elif kernel == "triton_sparse":
                     idx = torch.stack([torch.randperm(n, generator=g)[:b] for _ in range(args.h_kv)])
                     idx = idx.sort(dim=1).values.to(dev, torch.int32)

@@ -13,13 +13,14 @@ def test_dry_run_prints_the_plan_with_bytes():
     out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--contexts", "32k", "--budgets", "4k"],
                          capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["sdpa_flash", "triton_dense", "triton_sparse", "triton_paged",
-                                                   "quest_step", "quest_step_per_head"]
+    assert [line.split()[0] for line in lines] == ["sdpa_flash", "triton_dense", "triton_mla", "triton_sparse",
+                                                   "triton_paged", "quest_step", "quest_step_per_head"]
     # dense fp16 K+V of 8 KV heads x 32768 tokens x 128 dims, with the simulator's prediction beside it
     assert "bytes=134217728" in lines[0] and "sim_h100-sxm_us=" in lines[0]
     # Quest: fp16 min and max rows of 2048 pages x 8 KV heads, plus 4096 K and V rows per KV head
     meta, rows = 2 * 8 * 2048 * 128 * 2, 2 * 8 * 4096 * 128 * 2
-    assert f"bytes={meta + rows}" in lines[4] and f"bytes={meta + 4 * rows}" in lines[5]   # per head: G = 4
+    assert f"bytes={meta + rows}" in lines[5] and f"bytes={meta + 4 * rows}" in lines[6]   # per head: G = 4
+    assert f"bytes={32768 * (512 + 64) * 2}" in lines[2]      # MLA: one latent row of 576 fp16 per token
     sim_us = {line.split()[0]: float(line.split("sim_h100-sxm_us=")[1]) for line in lines}
     assert sim_us["triton_sparse"] < sim_us["quest_step"] and sim_us["triton_sparse"] < sim_us["sdpa_flash"]
 
@@ -58,6 +59,6 @@ def test_smoke_runs_every_kernel(tmp_path):
                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     kernels = [__import__("json").loads(line)["kernel"] for line in out.read_text().splitlines()]
-    assert kernels == ["sdpa_flash", "triton_dense", "triton_sparse", "triton_paged", "quest_step",
+    assert kernels == ["sdpa_flash", "triton_dense", "triton_mla", "triton_sparse", "triton_paged", "quest_step",
                        "quest_step_per_head"]
     assert "memory-traffic bound" in res.stdout

@@ -35,7 +35,8 @@ STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattenti
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
 # positional patterns: the oracle's set, attention on the GPU (streaming_llm: its registered suite decodes)
 PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm"]
-RETRIEVAL = ["retrieval_attention", "deja_vu", "cla"]   # suites without sequences: run on the SMALL inputs
+RETRIEVAL = ["retrieval_attention", "deja_vu", "cla", "mla"]
+OWN_INPUTS = {"cla", "mla"}   # their suites draw their own small shapes (MLA: one latent head, widths 1..40)   # suites without sequences: run on the SMALL inputs
 
 
 def triton_kernel(name):
@@ -58,7 +59,7 @@ def test_stateless_kernel_implements_its_method(name, dtype):
 @pytest.mark.parametrize("name,dtype", [(n, dt) for n in PATTERNS + RETRIEVAL for dt in ("float32", "float16")])
 def test_pattern_kernel_implements_its_method(name, dtype):
     suite = suites.suite_for(name)
-    if suite.sequences is None:
+    if suite.sequences is None and name not in OWN_INPUTS:
         suite = dataclasses.replace(suite, inputs=SMALL)
     report = suites.run_suite(suite, triton_kernel(name), dtype=dtype, settings=FEW)
     assert report.ok, str(report)
@@ -147,6 +148,20 @@ def test_cla_layers_reading_their_own_cache_are_caught():
     find = settings(max_examples=30, derandomize=True, deadline=None, phases=(Phase.generate,))
     report = suites.run_suite("cla", OwnLayer(), dtype="float32", settings=find)
     assert not report.ok and "layers" in {r.name for r in report.failure.failures}, str(report)
+
+
+def test_mla_at_the_views_scale_is_caught():
+    """Planted bug: the default scale taken from the view's width, 1/sqrt(r + d_R), instead of MLA's
+    1/sqrt(d_N + d_R) (the oracle's ``default_scale``): the output property fails."""
+    from hypothesis import Phase
+    kernel = triton_kernel("mla")
+
+    def views_scale(method, q, k, v, *, positions=None, scale=None):
+        return kernel(method, q, k, v, scale=1 / np.sqrt(k.shape[2]) if scale is None else scale)
+
+    find = settings(max_examples=30, derandomize=True, deadline=None, phases=(Phase.generate,))
+    report = suites.run_suite("mla", views_scale, dtype="float32", settings=find)
+    assert not report.ok and "output" in {r.name for r in report.failure.failures}, str(report)
 
 
 def test_the_suite_catches_a_planted_bug():
