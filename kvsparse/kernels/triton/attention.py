@@ -32,6 +32,9 @@ The launch reads nothing back from the GPU when ``check_inputs=False`` (lengths 
 kernel instead), so a decode step can be captured in a CUDA graph; the default checks every input
 on the host and raises a named error instead of reading out of bounds.
 
+The split count is a runtime argument (only its power-of-two bound is compiled into the merge), so
+the varying split counts of different shapes do not each compile a kernel.
+
 torch and triton are imported lazily so the registry loads without the optional extra. Set
 TRITON_INTERPRET=1 to run on a CPU (correct but slow).
 """
@@ -61,7 +64,7 @@ def _kernels():
                      G: tl.constexpr, ROW_IS_KV: tl.constexpr, GP: tl.constexpr, USE_DOT: tl.constexpr,
                      F32_DOT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
                      ENTRY: tl.constexpr, HAS_W: tl.constexpr, HAS_HEADS: tl.constexpr,
-                     PAGED: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                     PAGED: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS):
         row = tl.program_id(0)
         split = tl.program_id(1)
         kvh = row if ROW_IS_KV else row // G
@@ -138,7 +141,7 @@ def _kernels():
 
     @triton.jit
     def merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
-                     D: tl.constexpr, DP: tl.constexpr, NUM_SPLITS: tl.constexpr, SP: tl.constexpr):
+                     D: tl.constexpr, DP: tl.constexpr, NUM_SPLITS, SP: tl.constexpr):
         h = tl.program_id(0)
         s_offs = tl.arange(0, SP)
         s_mask = s_offs < NUM_SPLITS

@@ -33,7 +33,7 @@ def _kernel():
     @triton.jit
     def split_kernel(q_ptr, kv_ptr, part_out_ptr, part_lse_ptr, scale, H, N, chunk, stride_kn,
                      R: tl.constexpr, RP: tl.constexpr, DR: tl.constexpr, DRP: tl.constexpr,
-                     HT: tl.constexpr, BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, F32_DOT: tl.constexpr):
+                     HT: tl.constexpr, BLOCK: tl.constexpr, NUM_SPLITS, F32_DOT: tl.constexpr):
         tile = tl.program_id(0)
         split = tl.program_id(1)
         h = tile * HT + tl.arange(0, HT)
