@@ -855,7 +855,8 @@ registry.register_suite("sliding_window")(MethodSuite("sliding_window", _sliding
 
 @st.composite
 def decode_sequences(draw, *, max_t: int = 48, max_h_kv: int = 3, max_group: int = 3, head_dims=(4, 8, 16, 32)):
-    """``(q_seq [T, H_q, d], k_seq [T, H_kv, d], v_seq, prefill_len)`` for a multi-step decode."""
+    """A ``DecodeSequence`` (``q_seq [T, H_q, d]``, ``k_seq [T, H_kv, d]``, ``v_seq``, ``prefill_len``) for a
+    multi-step decode; it prints as one line in a falsifying example, not as its arrays."""
     from .strategies import FAMILIES, make_decode_input
     h_kv, g = draw(st.integers(1, max_h_kv)), draw(st.integers(1, max_group))
     t = draw(st.integers(2, max_t))
@@ -864,7 +865,8 @@ def decode_sequences(draw, *, max_t: int = 48, max_h_kv: int = 3, max_group: int
     # one query per position: the decode-input family shapes the keys; queries drawn alike per step
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     q_seq = rng.standard_normal((t, h_kv * g, d)) + inp.q[None]
-    return q_seq, inp.k.transpose(1, 0, 2), inp.v.transpose(1, 0, 2), draw(st.integers(0, t - 1))
+    return DecodeSequence(q_seq, inp.k.transpose(1, 0, 2), inp.v.transpose(1, 0, 2), draw(st.integers(0, t - 1)),
+                          inp.family, inp.seed)
 
 
 def _streaming_methods(shapes):

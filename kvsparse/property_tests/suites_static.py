@@ -8,6 +8,8 @@ ranks tokens by ``q . k``, so its suite has scores: ``+inf`` for the static set 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -66,7 +68,7 @@ def _corm_methods(shapes):
 def _corm_sequences():
     """CORM's prefill needs a prompt: prefill lengths of at least 1 (sequences have T >= 2)."""
     from .suites import decode_sequences
-    return decode_sequences().map(lambda seq: seq[:3] + (max(1, seq[3]),))
+    return decode_sequences().map(lambda seq: dataclasses.replace(seq, prefill_len=max(1, seq.prefill_len)))
 
 
 registry.register_suite("corm")(MethodSuite("corm", _corm_methods, sequences=_corm_sequences()))
