@@ -34,7 +34,7 @@ FEW = settings(max_examples=60 if ON_GPU else 10, deadline=None, suppress_health
 STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattention"]
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
 # positional patterns: the oracle's set, attention on the GPU (streaming_llm: its registered suite decodes)
-PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm"]
+PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm", "corm"]
 RETRIEVAL = ["retrieval_attention", "deja_vu", "cla", "mla"]
 OWN_INPUTS = {"cla", "mla"}   # their suites draw their own small shapes (MLA: one latent head, widths 1..40)   # suites without sequences: run on the SMALL inputs
 
@@ -162,6 +162,35 @@ def test_mla_at_the_views_scale_is_caught():
     find = settings(max_examples=30, derandomize=True, deadline=None, phases=(Phase.generate,))
     report = suites.run_suite("mla", views_scale, dtype="float32", settings=find)
     assert not report.ok and "output" in {r.name for r in report.failure.failures}, str(report)
+
+
+def test_corm_importance_in_fp32_is_caught_on_a_near_threshold_key(monkeypatch):
+    """Found by the CORM suite (random profile, window=1, threshold=2): an importance test on fp32
+    probabilities judged a key within float32's rounding of ``threshold / m`` the other way. The
+    kernel decides in float64 (``kept_probs64``); the fp32 decision, planted back, fails this sequence."""
+    import torch
+    from kvsparse.kernels.triton import corm as tcorm
+    from kvsparse.oracle.corm import CORM
+    from kvsparse.property_tests.sequences import make_decode_sequence
+    kernel = triton_kernel("corm")
+    method = CORM(window=1, threshold=2.0, gqa="union")
+    seq = make_decode_sequence(29, 6, 2, 16, prefill_len=1, family="sink_and_local", seed=8)
+
+    def verdicts():
+        return suites.check_decode(method, kernel, seq.q_seq, seq.k_seq, seq.v_seq, prefill_len=1, dtype="float32")
+
+    assert all(v.ok for v in verdicts())
+
+    def probs_fp32(q, k, kept, scale):
+        h_q, d = q.shape
+        h_kv, n, _ = k.shape
+        logits = torch.einsum("kgd,knd->kgn", q.float().reshape(h_kv, h_q // h_kv, d), k.float()).reshape(h_q, n)
+        mask = kept.repeat_interleave(h_q // kept.shape[0], dim=0)
+        return torch.softmax(torch.where(mask, logits * scale, float("-inf")), dim=-1).nan_to_num(0.0)
+
+    monkeypatch.setattr(tcorm, "kept_probs64", probs_fp32)
+    bad = [v for v in verdicts() if not v.ok]
+    assert bad and bad[0].failures[0].name == "selection", bad
 
 
 def test_the_suite_catches_a_planted_bug():
