@@ -35,8 +35,8 @@ STATELESS = ["dense", "quest", "sparq", "double_sparsity", "twilight", "vattenti
 STATEFUL = ["h2o", "snapkv", "pyramidkv"]
 # positional patterns: the oracle's set, attention on the GPU (streaming_llm: its registered suite decodes)
 PATTERNS = ["sliding_window", "bigbird", "longformer", "streaming_llm", "corm"]
-RETRIEVAL = ["retrieval_attention", "deja_vu", "cla", "mla"]
-OWN_INPUTS = {"cla", "mla"}   # their suites draw their own small shapes (MLA: one latent head, widths 1..40)   # suites without sequences: run on the SMALL inputs
+RETRIEVAL = ["retrieval_attention", "deja_vu", "cla", "mla", "lorc"]
+OWN_INPUTS = {"cla", "mla", "lorc"}   # their suites draw their own small shapes (MLA: one latent head, widths 1..40)   # suites without sequences: run on the SMALL inputs
 
 
 def triton_kernel(name):
@@ -191,6 +191,24 @@ def test_corm_importance_in_fp32_is_caught_on_a_near_threshold_key(monkeypatch):
     monkeypatch.setattr(tcorm, "kept_probs64", probs_fp32)
     bad = [v for v in verdicts() if not v.ok]
     assert bad and bad[0].failures[0].name == "selection", bad
+
+
+def test_lorc_latents_decoded_without_rope_are_caught():
+    """Planted bug: the fused rebuild skips the keys' RoPE (positions dropped): the latent property fails."""
+    from hypothesis import Phase
+    from kvsparse.kernels.triton import lorc as tlorc
+    kernel = triton_kernel("lorc")
+
+    class NoRope:
+        def __call__(self, *a, **kw):
+            return kernel(*a, **kw)
+
+        def decode_latent(self, method, q, latent_k, latent_v, b_k, b_v, positions=None, *, scale=None):
+            return tlorc.decode_latent(method, q, latent_k, latent_v, b_k, b_v, None, scale=scale)
+
+    find = settings(max_examples=30, derandomize=True, deadline=None, phases=(Phase.generate,))
+    report = suites.run_suite("lorc", NoRope(), dtype="float32", settings=find)
+    assert not report.ok and "latent" in {r.name for r in report.failure.failures}, str(report)
 
 
 def test_the_suite_catches_a_planted_bug():
