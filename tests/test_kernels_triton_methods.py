@@ -244,3 +244,19 @@ def test_quest_step_shared_and_per_head_lists_attend_the_same_pages(h_q, h_kv, n
     sets = [np.concatenate([np.arange(p * page, min(n, (p + 1) * page)) for p in row]) for row in pages.numpy()]
     want = core.attend_indices(q.double().numpy(), k.double().numpy(), v.double().numpy(), sets)
     assert np.allclose(shared.numpy(), want, atol=1e-5) and np.allclose(own.numpy(), want, atol=1e-5)
+
+
+def test_quest_and_lorc_entry_points_refuse_bad_input_by_name():
+    from kvsparse.kernels.triton import lorc as tlorc
+    from kvsparse.kernels.triton import quest as tq
+    k = torch.zeros((2, 40, 16))
+    q = torch.zeros((4, 16))
+    kmin, kmax = tq.page_metadata(k, 16)                      # 3 pages
+    with pytest.raises(ValueError, match=r"n_pages must lie in \[0, 3\]"):
+        tq.page_scores(q, kmin, kmax, 4)
+    with pytest.raises(ValueError, match="divisible by h_kv=3"):
+        tq.union_of_group(torch.zeros((4, 2), dtype=torch.int64), 3, 3)
+    with pytest.raises(ValueError, match="token_budget must be a positive int"):
+        tq.quest_step(q, k, k, page_size=16, token_budget=0)
+    with pytest.raises(ValueError, match="latent_k must be a 2-D"):
+        tlorc.lorc_attention(q, torch.zeros(3), torch.zeros((3, 2)), torch.zeros((2, 32)), torch.zeros((2, 32)))

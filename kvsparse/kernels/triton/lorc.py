@@ -120,6 +120,9 @@ def lorc_attention(q, latent_k, latent_v, b_k, b_v, positions=None, *, rope_base
                    num_splits=None, block: int = 32):
     """Decode attention from the latents (torch tensors, one dtype); ``(out [H_q, d], lse [H_q])``."""
     import torch
+    for name, x in (("q", q), ("latent_k", latent_k), ("latent_v", latent_v), ("b_k", b_k), ("b_v", b_v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D torch.Tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     h_q, d = q.shape
     n, r_k = latent_k.shape
     r_v = latent_v.shape[1]

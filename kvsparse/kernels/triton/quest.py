@@ -141,6 +141,8 @@ def page_scores(q, kmin, kmax, n_pages: int | None = None):
         raise ValueError(f"H_q={h_q} must be divisible by H_kv={h_kv}")
     if kmin.stride(2) != 1 or kmax.stride() != kmin.stride():
         raise ValueError("kmin/kmax must share one layout, contiguous in D")
+    if not 0 <= n_pages <= kmin.shape[1]:
+        raise ValueError(f"n_pages must lie in [0, {kmin.shape[1]}] (the metadata's rows), got {n_pages}")
     g = h_q // h_kv
     scores = torch.empty((h_q, n_pages), dtype=torch.float32, device=q.device)
     if n_pages:
@@ -163,6 +165,8 @@ def union_of_group(pages, h_kv: int, n_pages: int):
     ascending, counts [H_kv], heads [H_kv, W] int32)`` with bit g of ``heads`` set when query head
     ``kvh*G + g`` chose the page. ``W = min(NP, G*B)`` is fixed by the shapes (no device sync)."""
     import torch
+    if pages.dim() != 2 or h_kv < 1 or pages.shape[0] % h_kv:
+        raise ValueError(f"pages must be [H_q, B] with H_q divisible by h_kv={h_kv}, got {tuple(pages.shape)}")
     h_q, width = pages.shape
     g = h_q // h_kv
     if g > 31:
@@ -187,6 +191,8 @@ def quest_step(q, k, v, *, page_size: int, token_budget: int, kmin=None, kmax=No
     read back from the GPU, so the step can be captured in a CUDA graph.
     """
     _check_keys(k, page_size)
+    if not isinstance(token_budget, int) or isinstance(token_budget, bool) or token_budget < 1:
+        raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
     n = k.shape[1]
     n_pages = -(-n // page_size)
     if kmin is None or kmax is None:

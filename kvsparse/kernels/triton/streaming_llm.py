@@ -28,6 +28,9 @@ class StreamingLLMKernel:
     def prefill(self, method, q_prompt, k_prompt, v_prompt, *, scale=None) -> KernelCacheState:
         import torch
         _check_supported(method)
+        if np.ndim(k_prompt) != 3 or np.shape(v_prompt) != np.shape(k_prompt):
+            raise ValueError(f"k_prompt and v_prompt must be [T, H_kv, d] (T may be 0), got {np.shape(k_prompt)}, "
+                             f"{np.shape(v_prompt)}")
         t, h_kv, d = np.shape(k_prompt)
         k = to_torch(k_prompt, "k_prompt").transpose(0, 1).contiguous()
         v = to_torch(v_prompt, "v_prompt").transpose(0, 1).contiguous()
